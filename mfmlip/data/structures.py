@@ -1,0 +1,198 @@
+"""Read labelled structures from any ASE-readable file, with checked labels.
+
+Units: positions and cell in Angstrom, energy in eV, forces in eV/Angstrom,
+stress in eV/Angstrom^3 (ASE sign convention). A missing or non-finite label is
+stored as ``None``/NaN and masked out of the loss; malformed input raises
+:class:`DataError` naming the file, frame and field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.io.formats import string2index
+from ase.stress import voigt_6_to_full_3x3_stress
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, frame and field."""
+
+
+@dataclass
+class Structure:
+    """One labelled structure.
+
+    Attributes
+    ----------
+    positions : (n_atoms, 3) float array, Angstrom
+    atomic_numbers : (n_atoms,) int array
+    cell : (3, 3) float array, Angstrom (rows are lattice vectors)
+    pbc : (3,) bool array
+    fidelity : str, the level of theory of the labels
+    energy : float, eV; NaN when missing
+    forces : (n_atoms, 3) float array in eV/Angstrom, or None when missing
+    stress : (3, 3) float array in eV/Angstrom^3, or None when missing
+    source : str, ``"file: frame k"`` for error messages
+    frame : int, index of the frame in its file (-1 when not from a file)
+    """
+
+    positions: np.ndarray
+    atomic_numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    fidelity: str
+    energy: float = float("nan")
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    source: str = "<memory>"
+    frame: int = -1
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.atomic_numbers)
+
+
+def _raw_label(atoms: Atoms, key: str):
+    """Look a label up in the attached calculator, then ``info``, then ``arrays``."""
+    calc = getattr(atoms, "calc", None)
+    if calc is not None and key in getattr(calc, "results", {}):
+        return calc.results[key]
+    if key in atoms.info:
+        return atoms.info[key]
+    if key in atoms.arrays:
+        return atoms.arrays[key]
+    return None
+
+
+def _checked(value, shape, where: str, allow_missing: bool):
+    """Return ``value`` as a float array of ``shape``, or None when missing."""
+    if value is None:
+        return None
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: not numeric ({err})") from None
+    if arr.size == 6 and shape == (3, 3):
+        arr = voigt_6_to_full_3x3_stress(arr)
+    if arr.shape != shape and arr.size == np.prod(shape):
+        arr = arr.reshape(shape)
+    if arr.shape != shape:
+        raise DataError(f"{where}: expected shape {shape}, got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        if not allow_missing:
+            raise DataError(
+                f"{where}: contains NaN or inf (set allow_missing_labels: true to mask it)"
+            )
+        return None
+    return arr
+
+
+def structure_from_atoms(
+    atoms: Atoms,
+    *,
+    fidelity: str | None = None,
+    fidelity_key: str = "fidelity",
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    stress_key: str = "stress",
+    allow_missing_labels: bool = True,
+    source: str = "<memory>",
+    frame: int = -1,
+) -> Structure:
+    """Convert one ``ase.Atoms`` with labels into a :class:`Structure`.
+
+    The fidelity is ``fidelity`` if given, else ``atoms.info[fidelity_key]``.
+
+    Raises
+    ------
+    DataError
+        No fidelity, non-finite positions or cell, a label of the wrong shape,
+        or a non-finite label when ``allow_missing_labels`` is False.
+    """
+    n = len(atoms)
+    if n == 0:
+        raise DataError(f"{source}: structure has no atoms")
+    fid = fidelity if fidelity is not None else atoms.info.get(fidelity_key)
+    if fid is None:
+        raise DataError(
+            f"{source}: no fidelity: info['{fidelity_key}'] is missing and the "
+            "config entry of this file gives none"
+        )
+    positions = atoms.get_positions()
+    if not np.all(np.isfinite(positions)):
+        raise DataError(f"{source}, field 'positions': contains NaN or inf")
+    cell = np.asarray(atoms.get_cell())
+    if not np.all(np.isfinite(cell)):
+        raise DataError(f"{source}, field 'cell': contains NaN or inf")
+    energy = _checked(
+        _raw_label(atoms, energy_key), (), f"{source}, field '{energy_key}'", allow_missing_labels
+    )
+    forces = _checked(
+        _raw_label(atoms, forces_key), (n, 3), f"{source}, field '{forces_key}'", allow_missing_labels
+    )
+    stress = _checked(
+        _raw_label(atoms, stress_key), (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels
+    )
+    return Structure(
+        positions=positions,
+        atomic_numbers=atoms.get_atomic_numbers().astype(np.int64),
+        cell=cell,
+        pbc=np.asarray(atoms.get_pbc(), dtype=bool),
+        fidelity=str(fid),
+        energy=float("nan") if energy is None else float(energy),
+        forces=forces,
+        stress=stress,
+        source=source,
+        frame=frame,
+    )
+
+
+def _frame_numbers(index: str, n_read: int) -> range:
+    """File frame numbers of the frames an ASE index string selected (for messages)."""
+    sel = string2index(index)
+    if isinstance(sel, int):
+        return range(sel, sel + 1)
+    if (sel.step or 1) > 0 and (sel.start or 0) >= 0:
+        return range(sel.start or 0, (sel.start or 0) + n_read * (sel.step or 1), sel.step or 1)
+    return range(n_read)
+
+
+def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Structure]:
+    """Read every frame of an ASE-readable file (extended XYZ first-class).
+
+    Parameters
+    ----------
+    path : file to read; the format is guessed by ASE from its name.
+    index : ASE index string, e.g. ``":"`` or ``"0:100"``.
+    **kwargs : passed to :func:`structure_from_atoms` (``fidelity``,
+        ``fidelity_key``, ``energy_key``, ``forces_key``, ``stress_key``,
+        ``allow_missing_labels``).
+
+    Returns
+    -------
+    list of :class:`Structure`, in file order.
+
+    Raises
+    ------
+    DataError
+        The file is missing, unreadable or empty, or a frame is bad.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        frames = ase.io.read(path, index=index)
+    except Exception as err:  # ASE raises many types for malformed files
+        raise DataError(f"{path}: cannot be read by ASE: {type(err).__name__}: {err}") from None
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    if not frames:
+        raise DataError(f"{path}: contains no structures")
+    return [
+        structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
+        for k, atoms in zip(_frame_numbers(index, len(frames)), frames)
+    ]

@@ -1,0 +1,96 @@
+"""Equivariant interaction block (NequIP/SevenNet family) and the energy readout."""
+
+from __future__ import annotations
+
+import torch
+from e3nn import nn as e3nn_nn
+from e3nn import o3
+
+
+def hidden_irreps(channels: int, lmax: int) -> o3.Irreps:
+    """``channels`` copies of each ``l <= lmax`` with parity ``(-1)^l``: 0e + 1o + 2e + ..."""
+    return o3.Irreps([(channels, (l, (-1) ** l)) for l in range(lmax + 1)])
+
+
+def _gate(target: o3.Irreps) -> e3nn_nn.Gate:
+    """Gated nonlinearity (Weiler et al. 2018): SiLU on scalars, sigmoid gates on l > 0."""
+    scalars = o3.Irreps([(m, ir) for m, ir in target if ir.l == 0])
+    gated = o3.Irreps([(m, ir) for m, ir in target if ir.l > 0])
+    gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+    acts = [torch.nn.functional.silu if ir.p == 1 else torch.tanh for _, ir in scalars]
+    return e3nn_nn.Gate(scalars, acts, gates, [torch.sigmoid] * len(gates), gated)
+
+
+class Interaction(torch.nn.Module):
+    """One message-passing block.
+
+    ``h' = SelfConnection(h) + Gate(LinearPost(sum_j TP(LinearPre(h)_j, Y(r_ij); R(|r_ij|)) / avg_num_neighbors))``
+
+    with ``Y`` the spherical harmonics, ``R`` a radial MLP giving the tensor
+    product weights per edge (Batzner et al., NequIP, Nat. Commun. 2022). The
+    fidelity features are appended to the scalar inputs of ``LinearPre`` and
+    ``LinearPost`` at the sites the conditioning names.
+
+    Inputs: ``h`` (n_atoms, irreps_in.dim), ``fid`` (n_atoms, d_fid),
+    ``sh`` (n_edges, irreps_sh.dim), ``radial`` (n_edges, num_radial),
+    ``edge_index`` (2, n_edges). Output: (n_atoms, irreps_out.dim).
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_target: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        num_radial: int,
+        radial_hidden: int,
+        avg_num_neighbors: float,
+        conditioning,
+    ):
+        super().__init__()
+        self.conditioning = conditioning
+        self.avg_num_neighbors = float(avg_num_neighbors)
+        extra = lambda site: o3.Irreps(f"{conditioning.extra_dim(site)}x0e")
+        self.linear_pre = o3.Linear(irreps_in + extra("pre"), irreps_in)
+        mid, instructions = [], []
+        for i_in, (mul, ir_in) in enumerate(irreps_in):
+            for i_sh, (_, ir_sh) in enumerate(irreps_sh):
+                for ir_out in ir_in * ir_sh:
+                    if ir_out in irreps_target:
+                        instructions.append((i_in, i_sh, len(mid), "uvu", True))
+                        mid.append((mul, ir_out))
+        self.tp = o3.TensorProduct(
+            irreps_in, irreps_sh, o3.Irreps(mid), instructions,
+            shared_weights=False, internal_weights=False,
+        )
+        self.radial_mlp = e3nn_nn.FullyConnectedNet(
+            [num_radial, radial_hidden, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu
+        )
+        self.gate = _gate(irreps_target)
+        self.linear_post = o3.Linear(o3.Irreps(mid) + extra("post"), self.gate.irreps_in)
+        self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
+        self.irreps_out = self.gate.irreps_out
+
+    def forward(self, h, fid, sh, radial, edge_index):
+        centre, neighbour = edge_index
+        x = self.linear_pre(self.conditioning.augment(h, fid, "pre"))
+        messages = self.tp(x[neighbour], sh, self.radial_mlp(radial))
+        agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
+        agg = agg.index_add(0, centre, messages) / self.avg_num_neighbors
+        out = self.gate(self.linear_post(self.conditioning.augment(agg, fid, "post")))
+        return self.self_connection(h) + out
+
+
+class Readout(torch.nn.Module):
+    """Atomic energies from invariant features: Linear -> SiLU -> Linear.
+
+    Input (n_atoms, channels + extra); output (n_atoms, n_heads), unscaled.
+    """
+
+    def __init__(self, dim_in: int, hidden: int, n_heads: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim_in, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, n_heads)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)

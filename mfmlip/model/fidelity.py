@@ -1,0 +1,104 @@
+"""Where the fidelity enters the model.
+
+The backbone (:mod:`mfmlip.model.potential`) never looks at the fidelity index
+itself. It asks a :class:`FidelityConditioning` for
+
+* ``features(fidelity_per_atom)``: extra scalar (0e) inputs per atom, computed
+  once per forward pass;
+* ``extra_dim(site)``: how many of them to append to the input of the linear
+  layer at a named site: ``"pre"`` (before each convolution), ``"post"`` (after
+  each convolution) and ``"readout"``;
+* ``n_heads`` and ``select(...)``: how many atomic-energy outputs the readout
+  has, and which one each atom uses.
+
+A new scheme (global state embedding as in multi-fidelity M3GNet, one readout
+head per fidelity as in hippynn MFL) is one subclass registered in ``SCHEMES``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SITES = ("pre", "post", "readout")
+
+
+class FidelityConditioning(torch.nn.Module):
+    """Base interface; see the module docstring.
+
+    Parameters
+    ----------
+    n_fidelities : number of fidelities the model knows.
+    sites : the sites whose linear layers get the fidelity features.
+
+    Raises
+    ------
+    ValueError
+        An unknown site name.
+    """
+
+    n_heads = 1
+
+    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES):
+        super().__init__()
+        unknown = set(sites) - set(SITES)
+        if unknown:
+            raise ValueError(f"unknown fidelity sites {sorted(unknown)}; choose from {SITES}")
+        self.n_fidelities, self.sites = int(n_fidelities), tuple(sites)
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def features(self, fidelity: torch.Tensor) -> torch.Tensor:
+        """(n_atoms,) long fidelity of each atom -> (n_atoms, feature_dim) float."""
+        raise NotImplementedError
+
+    def extra_dim(self, site: str) -> int:
+        return self.feature_dim if site in self.sites else 0
+
+    def augment(self, h: torch.Tensor, feats: torch.Tensor, site: str) -> torch.Tensor:
+        """Append the fidelity features to ``h`` (n_atoms, d) when ``site`` is conditioned."""
+        return torch.cat([h, feats.to(h.dtype)], dim=-1) if site in self.sites else h
+
+    def select(self, heads: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
+        """(n_atoms, n_heads) readout outputs -> (n_atoms,) atomic energies."""
+        return heads[:, 0]
+
+
+class OneHotLinear(FidelityConditioning):
+    """SevenNet-MF conditioning (Kim et al. 2024/25).
+
+    The fidelity one-hot is appended as extra scalar inputs to the linear
+    layers at the chosen sites (default: before and after every convolution
+    and in the readout).
+
+    Examples
+    --------
+    >>> import torch
+    >>> c = OneHotLinear(3)
+    >>> c.features(torch.tensor([2, 0])).tolist()
+    [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    """
+
+    @property
+    def feature_dim(self) -> int:
+        return self.n_fidelities
+
+    def features(self, fidelity: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(fidelity, self.n_fidelities).float()
+
+
+SCHEMES = {"one_hot_linear": OneHotLinear}
+
+
+def build_conditioning(scheme: str, n_fidelities: int, **options) -> FidelityConditioning:
+    """Instantiate a registered scheme by name.
+
+    Raises
+    ------
+    ValueError
+        An unknown scheme name.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown fidelity scheme '{scheme}'; choose from {sorted(SCHEMES)}")
+    return SCHEMES[scheme](n_fidelities, **options)

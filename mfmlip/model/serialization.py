@@ -1,0 +1,67 @@
+"""The model file: everything needed to predict, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mfmlip.model.potential import MFPotential
+
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename.
+
+    A kill during the write leaves any previous file at ``path`` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: MFPotential, path: str | Path, metadata: dict | None = None) -> None:
+    """Write hyperparameters (species, fidelities, cutoff...), weights and E0s to ``path``."""
+    atomic_torch_save(
+        {
+            "format_version": FORMAT_VERSION,
+            "hparams": model.hparams,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "metadata": metadata or {},
+        },
+        path,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> MFPotential:
+    """Rebuild a model from :func:`save_model` output, in eval mode.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        The file is not an mfmlip model file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} not found")
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or "hparams" not in data or "state_dict" not in data:
+        raise ValueError(f"{path} is not an mfmlip model file (no hparams/state_dict)")
+    model = MFPotential(**data["hparams"])
+    model.load_state_dict(data["state_dict"])
+    model.metadata = data.get("metadata", {})
+    return model.to(device=device, dtype=dtype).eval()
