@@ -102,3 +102,25 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
         k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
         for k, v in batch.items()
     }
+
+
+def atoms_to_batch(atoms, cutoff: float, fidelity_index: int = 0) -> dict:
+    """One ``ase.Atoms`` as a one-graph batch (labels ignored), for prediction.
+
+    Raises
+    ------
+    DataError
+        Non-finite positions or cell, or a periodic cell of zero volume.
+    """
+    s = Structure(
+        positions=np.asarray(atoms.positions, dtype=np.float64),
+        atomic_numbers=atoms.get_atomic_numbers().astype(np.int64),
+        cell=np.asarray(atoms.cell.array, dtype=np.float64),
+        pbc=np.asarray(atoms.pbc, dtype=bool),
+        fidelity="",
+        source=f"structure {atoms.get_chemical_formula()}",
+    )
+    for name in ("positions", "cell"):
+        if not np.all(np.isfinite(getattr(s, name))):
+            raise DataError(f"{s.source}, field '{name}': contains NaN or inf")
+    return collate([structure_to_graph(s, cutoff, fidelity_index)])

@@ -1,0 +1,123 @@
+"""Predict labelled structures with a trained model; metrics and parity plots."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfmlip import keys as K
+from mfmlip.analysis.metrics import MetricAccumulator
+from mfmlip.data.graph import collate, structure_to_graph, to_device
+from mfmlip.data.structures import Structure
+from mfmlip.model.potential import MFPotential
+
+
+def evaluate(
+    model: MFPotential,
+    structures: list[Structure],
+    fidelity: str | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    stress: bool = False,
+) -> tuple[dict, dict]:
+    """Predict every structure and compare with its labels.
+
+    Parameters
+    ----------
+    fidelity : predict all structures at this fidelity; if None, each at its own.
+    stress : also predict stress (periodic structures).
+
+    Returns
+    -------
+    metrics : ``{label fidelity: {"energy_mae": meV/atom, "forces_mae": meV/A, ...}}``
+    pairs : ``{label fidelity: {"energy": (pred, ref) eV/atom arrays, "forces": (pred, ref) eV/A}}``
+
+    Raises
+    ------
+    ValueError
+        Unknown fidelity or element.
+    """
+    model = model.to(device).eval()
+    names = list(dict.fromkeys(s.fidelity for s in structures))
+    forced = None if fidelity is None else model.fidelity_index(fidelity)
+    acc = MetricAccumulator(names)
+    pairs = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    dtype = model.e0.dtype
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        graphs = [
+            structure_to_graph(s, model.cutoff, forced if forced is not None else model.fidelity_index(s.fidelity))
+            for s in chunk
+        ]
+        batch = to_device(collate(graphs), device, dtype)
+        pred = {k: v.detach() for k, v in model(batch, compute_forces=True, compute_stress=stress).items()}
+        label_batch = dict(batch, **{K.FIDELITY: torch.tensor([names.index(s.fidelity) for s in chunk], device=device)})
+        acc.update(pred, label_batch)
+        _collect(pairs, pred, batch, chunk)
+    arrays = {
+        fid: {q: (np.concatenate(p), np.concatenate(r)) for q, (p, r) in d.items() if p}
+        for fid, d in pairs.items()
+    }
+    return acc.compute(), arrays
+
+
+def _collect(pairs, pred, batch, chunk) -> None:
+    n = batch[K.N_ATOMS].cpu().numpy()
+    e_pred = (pred[K.ENERGY].cpu().numpy() / n)
+    e_ref = (batch[K.ENERGY].cpu().numpy() / n)
+    e_mask = batch[K.ENERGY_MASK].cpu().numpy()
+    f_pred, f_ref = pred[K.FORCES].cpu().numpy(), batch[K.FORCES].cpu().numpy()
+    f_mask = batch[K.FORCES_MASK].cpu().numpy()
+    graph = batch[K.BATCH].cpu().numpy()
+    for g, s in enumerate(chunk):
+        if e_mask[g]:
+            pairs[s.fidelity]["energy"][0].append(e_pred[g : g + 1])
+            pairs[s.fidelity]["energy"][1].append(e_ref[g : g + 1])
+        atoms = (graph == g) & f_mask
+        if atoms.any():
+            pairs[s.fidelity]["forces"][0].append(f_pred[atoms].ravel())
+            pairs[s.fidelity]["forces"][1].append(f_ref[atoms].ravel())
+
+
+def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
+    """One PNG: a row per label fidelity, energy (meV/atom, shifted by the
+    reference mean) and force (eV/Angstrom) parity panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(pairs)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 4.2 * len(rows)), squeeze=False)
+    for row, fid in enumerate(rows):
+        for col, q in enumerate(("energy", "forces")):
+            ax = axes[row, col]
+            if q not in pairs[fid]:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"no {q} labels", ha="center", va="center", transform=ax.transAxes)
+                continue
+            pred, ref = pairs[fid][q]
+            if q == "energy":
+                shift = ref.mean()
+                pred, ref = (pred - shift) * 1000, (ref - shift) * 1000
+                unit = "meV/atom (minus mean)"
+            else:
+                unit = "eV/Å"
+            lo, hi = min(pred.min(), ref.min()), max(pred.max(), ref.max())
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            ax.scatter(ref, pred, s=3, alpha=0.4)
+            mae = np.abs(pred - ref).mean() * (1 if q == "energy" else 1000)
+            ax.set_title(f"{fid}: {q}, MAE {mae:.2f} {'meV/atom' if q == 'energy' else 'meV/Å'}")
+            ax.set_xlabel(f"reference {q} [{unit}]")
+            ax.set_ylabel(f"predicted {q} [{unit}]")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,219 @@
+"""The training configuration: one YAML file validated with pydantic.
+
+Units: cutoff in Angstrom; filter thresholds in eV/atom and eV/Angstrom;
+loss weights are dimensionless multipliers of per-atom energy (eV/atom)^2,
+force (eV/Angstrom)^2 and stress (eV/Angstrom^3)^2 errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+from mfmlip.model.fidelity import SCHEMES, SITES
+
+Size = Optional[Union[NonNegativeFloat, int]]
+LABEL_NAMES = ("energy", "forces", "stress")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(_Strict):
+    """Sizes are fractions (<= 1.0) or counts; ``null`` takes the rest.
+
+    ``file`` gives explicit indices instead (YAML/JSON with train/val/test lists
+    of frame numbers in the data file).
+    """
+
+    train: Size = None
+    val: Size = 0.1
+    test: Size = 0.0
+    file: Optional[str] = None
+    seed: Optional[int] = None
+
+
+class FilterConfig(_Strict):
+    """Drop frames far from the bulk of the data (see ``mfmlip.data.selection``)."""
+
+    max_energy_above_min_per_atom: Optional[PositiveFloat] = None
+    max_abs_force: Optional[PositiveFloat] = None
+
+
+class FileConfig(_Strict):
+    """One data file; ``path`` is relative to the data root."""
+
+    path: str
+    fidelity: Optional[str] = None
+    index: str = ":"
+    labels: list[Literal["energy", "forces", "stress"]] = list(LABEL_NAMES)
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
+    split: SplitConfig = SplitConfig()
+    filter: FilterConfig = FilterConfig()
+
+
+class DataConfig(_Strict):
+    root: Optional[str] = None
+    fidelity_key: str = "fidelity"
+    allow_missing_labels: bool = True
+    files: list[FileConfig] = Field(min_length=1)
+    e0: dict[str, dict[str, float]] = {}
+    e0_ridge: NonNegativeFloat = 0.0
+
+
+class ModelConfig(_Strict):
+    cutoff: PositiveFloat = 5.0
+    channels: PositiveInt = 32
+    lmax: int = Field(2, ge=0, le=4)
+    num_layers: PositiveInt = 3
+    num_radial: PositiveInt = 8
+    radial_hidden: PositiveInt = 64
+    envelope_p: PositiveInt = 6
+    fidelity_scheme: str = "one_hot_linear"
+    fidelity_sites: list[Literal["pre", "post", "readout"]] = list(SITES)
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("fidelity_scheme")
+    @classmethod
+    def _known_scheme(cls, v):
+        if v not in SCHEMES:
+            raise ValueError(f"unknown fidelity scheme '{v}'; choose from {sorted(SCHEMES)}")
+        return v
+
+
+class LossWeights(_Strict):
+    energy: NonNegativeFloat = 1.0
+    forces: NonNegativeFloat = 10.0
+    stress: NonNegativeFloat = 0.0
+
+
+class WeightOverride(_Strict):
+    energy: Optional[NonNegativeFloat] = None
+    forces: Optional[NonNegativeFloat] = None
+    stress: Optional[NonNegativeFloat] = None
+
+
+class TrainingConfig(_Strict):
+    batch_size: PositiveInt = 16
+    max_epochs: PositiveInt = 100
+    max_time_minutes: Optional[PositiveFloat] = None
+    lr: PositiveFloat = 5e-3
+    min_lr_ratio: NonNegativeFloat = 0.01
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: NonNegativeFloat = 0.0
+    loss: Literal["mse", "huber"] = "mse"
+    huber_delta: PositiveFloat = 0.01
+    weights: LossWeights = LossWeights()
+    fidelity_weights: dict[str, WeightOverride] = {}
+    patience: PositiveInt = 50
+    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    gradient_clip: Optional[PositiveFloat] = 10.0
+    num_workers: int = Field(0, ge=0)
+    device: str = "cpu"
+    eval_batch_size: PositiveInt = 64
+
+    def weights_for(self, fidelity: str) -> tuple[float, float, float]:
+        """(energy, forces, stress) weights of one fidelity."""
+        over = self.fidelity_weights.get(fidelity, WeightOverride())
+        return tuple(
+            getattr(over, k) if getattr(over, k) is not None else getattr(self.weights, k)
+            for k in LABEL_NAMES
+        )
+
+
+class Config(_Strict):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    path: Optional[Path] = Field(None, exclude=True)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config.
+
+    Raises
+    ------
+    ConfigError
+        Missing file, invalid YAML, unknown keys, wrong types or bad values;
+        every problem is listed with its key path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, str(path))) from None
+    cfg.path = path.resolve()
+    return cfg
+
+
+def _project_root(start: Path) -> Path | None:
+    for folder in (start, *start.parents):
+        if (folder / "pyproject.toml").is_file():
+            return folder
+    return None
+
+
+def resolve_data_root(cfg: Config, data_root: str | Path | None = None) -> Path:
+    """The folder data paths resolve against.
+
+    Order: ``data_root`` argument (``--data-root``), the ``MFMLIP_DATA``
+    environment variable, ``data.root`` in the config (relative to the config
+    file), then ``../shared/data`` from the repository root.
+    """
+    if data_root is not None:
+        return Path(data_root)
+    if os.environ.get("MFMLIP_DATA"):
+        return Path(os.environ["MFMLIP_DATA"])
+    base = cfg.path.parent if cfg.path else Path.cwd()
+    if cfg.data.root:
+        return base / cfg.data.root
+    root = _project_root(base) or _project_root(Path.cwd()) or Path.cwd()
+    return root.parent / "shared" / "data"
+
+
+def data_file(root: Path, relative: str) -> Path:
+    """``root / relative``, checked.
+
+    Raises
+    ------
+    ConfigError
+        The file does not exist; the message names the path and how the root was set.
+    """
+    path = Path(relative) if Path(relative).is_absolute() else root / relative
+    if not path.is_file():
+        raise ConfigError(
+            f"data file {path} not found (data root {root}; set it with --data-root, "
+            "the MFMLIP_DATA environment variable, or data.root in the config)"
+        )
+    return path

@@ -1,0 +1,141 @@
+"""From a config to train/val/test graphs, E0s and normalisation statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfmlip.data.e0 import build_e0_table, composition_matrix
+from mfmlip.data.graph import collate, structure_to_graph
+from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
+from mfmlip.data.structures import DataError, Structure, read_structures
+from mfmlip.training.config import Config, FileConfig, data_file
+
+
+@dataclass
+class PreparedData:
+    """Structures per split, with the model's species and fidelity names."""
+
+    species: list[int]
+    fidelities: list[str]
+    splits: dict[str, list[Structure]]
+    report: list[str] = field(default_factory=list)
+
+    def graphs(self, split: str, cutoff: float) -> list[dict]:
+        return [
+            structure_to_graph(s, cutoff, self.fidelities.index(s.fidelity)) for s in self.splits[split]
+        ]
+
+
+def _strip_labels(structures: list[Structure], labels: list[str]) -> None:
+    for s in structures:
+        if "energy" not in labels:
+            s.energy = float("nan")
+        if "forces" not in labels:
+            s.forces = None
+        if "stress" not in labels:
+            s.stress = None
+
+
+def _split_file(fc: FileConfig, kept: list[Structure], base: Path, seed: int) -> dict[str, list]:
+    if fc.split.file:
+        path = Path(fc.split.file) if Path(fc.split.file).is_absolute() else base / fc.split.file
+        n_frames = max(s.frame for s in kept) + 1
+        wanted = read_split_file(path, max(n_frames, 1))
+        by_frame = {s.frame: s for s in kept}
+        return {k: [by_frame[i] for i in wanted[k] if i in by_frame] for k in SPLITS}
+    sp = fc.split
+    idx = split_indices(len(kept), sp.train, sp.val, sp.test, sp.seed if sp.seed is not None else seed)
+    return {k: [kept[i] for i in idx[k]] for k in SPLITS}
+
+
+def prepare_data(cfg: Config, root: Path) -> PreparedData:
+    """Read, filter and split every file of the config.
+
+    The test split of each file is set aside before anything is fitted: E0s
+    and statistics use the training split only.
+
+    Raises
+    ------
+    ConfigError, DataError
+        Missing files, unreadable frames, or no training/validation data.
+    """
+    splits = {k: [] for k in SPLITS}
+    report = []
+    base = cfg.path.parent if cfg.path else Path.cwd()
+    for fc in cfg.data.files:
+        path = data_file(root, fc.path)
+        structures = read_structures(
+            path, fc.index, fidelity=fc.fidelity, fidelity_key=cfg.data.fidelity_key,
+            energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
+            allow_missing_labels=cfg.data.allow_missing_labels,
+        )
+        _strip_labels(structures, fc.labels)
+        kept, dropped = filter_structures(structures, **fc.filter.model_dump())
+        parts = _split_file(fc, kept, base, cfg.seed)
+        for k in SPLITS:
+            splits[k].extend(parts[k])
+        fids = sorted({s.fidelity for s in kept})
+        report.append(
+            f"{fc.path} [{', '.join(fids)}]: {len(structures)} frames, {len(dropped)} dropped by filter, "
+            + ", ".join(f"{k} {len(parts[k])}" for k in SPLITS)
+        )
+    if not splits["train"]:
+        raise DataError("empty dataset: no training structures after filtering and splitting")
+    if not splits["val"]:
+        raise DataError("no validation structures: give split.val > 0 for at least one file")
+    fidelities = list(dict.fromkeys(s.fidelity for k in SPLITS for s in splits[k]))
+    species = sorted({int(z) for k in ("train", "val") for s in splits[k] for z in s.atomic_numbers})
+    return PreparedData(species, fidelities, splits, report)
+
+
+def training_statistics(data: PreparedData, cfg: Config) -> dict:
+    """E0 table, energy scale and average neighbour count from the training split.
+
+    ``energy_scale`` is the RMS of the training force components (eV/Angstrom),
+    or, without forces, the std of per-atom energies after E0 (eV/atom).
+    """
+    train = data.splits["train"]
+    e0 = build_e0_table(train, data.species, data.fidelities, cfg.data.e0, cfg.data.e0_ridge)
+    forces = [s.forces for s in train if s.forces is not None]
+    if forces:
+        scale = float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
+    else:
+        fid = np.array([data.fidelities.index(s.fidelity) for s in train])
+        e_ref = np.einsum("sk,sk->s", composition_matrix(train, data.species), e0[fid])
+        per_atom = (np.array([s.energy for s in train]) - e_ref) / np.array([s.n_atoms for s in train])
+        scale = float(np.nanstd(per_atom))
+    sample = train[: min(len(train), 2000)]
+    graphs = [structure_to_graph(s, cfg.model.cutoff, 0) for s in sample]
+    n_edges = sum(g["edge_index"].shape[1] for g in graphs)
+    n_atoms = sum(s.n_atoms for s in sample)
+    return {
+        "e0": e0,
+        "energy_scale": scale if np.isfinite(scale) and scale > 1e-6 else 1.0,
+        "avg_num_neighbors": max(n_edges / n_atoms, 1.0),
+    }
+
+
+class GraphDataset(torch.utils.data.Dataset):
+    """A list of prebuilt graphs (neighbour lists computed once)."""
+
+    def __init__(self, graphs: list[dict]):
+        self.graphs = graphs
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.graphs[i]
+
+
+def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):
+    """DataLoader over prebuilt graphs that yields collated batches."""
+    return torch.utils.data.DataLoader(
+        GraphDataset(graphs), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        persistent_workers=num_workers > 0,
+    )
