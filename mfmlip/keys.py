@@ -16,6 +16,7 @@ SHIFTS = "shifts"  # (n_edges, 3) float integer cell shifts: r_ij = r_j - r_i + 
 BATCH = "batch"  # (n_atoms,) long, index of the structure of each atom
 N_ATOMS = "n_atoms"  # (n_graphs,) long
 FIDELITY = "fidelity"  # (n_graphs,) long, index into the model's fidelity names
+STRUCTURE_INDEX = "structure_index"  # (n_graphs,) long, position in the dataset (for messages)
 
 # --- labels (targets) and their masks ------------------------------------
 ENERGY = "energy"  # (n_graphs,) float, eV

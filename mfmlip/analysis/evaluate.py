@@ -21,14 +21,14 @@ def evaluate(
     fidelity: str | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    stress: bool = False,
+    stress: bool | None = None,
 ) -> tuple[dict, dict]:
     """Predict every structure and compare with its labels.
 
     Parameters
     ----------
     fidelity : predict all structures at this fidelity; if None, each at its own.
-    stress : also predict stress (periodic structures).
+    stress : also predict stress; default: when any structure has a stress label.
 
     Returns
     -------
@@ -41,11 +41,13 @@ def evaluate(
         Unknown fidelity or element.
     """
     model = model.to(device).eval()
+    if stress is None:
+        stress = any(s.stress is not None for s in structures)
     names = list(dict.fromkeys(s.fidelity for s in structures))
     forced = None if fidelity is None else model.fidelity_index(fidelity)
     acc = MetricAccumulator(names)
     pairs = defaultdict(lambda: defaultdict(lambda: ([], [])))
-    dtype = model.e0.dtype
+    dtype = model.dtype
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         graphs = [
@@ -97,7 +99,7 @@ def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
             ax = axes[row, col]
             if q not in pairs[fid]:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, f"no {q} labels", ha="center", va="center", transform=ax.transAxes)
+                ax.text(0.5, 0.5, f"no {q.rstrip('s')} labels", ha="center", va="center", transform=ax.transAxes)
                 continue
             pred, ref = pairs[fid][q]
             if q == "energy":

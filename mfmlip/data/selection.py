@@ -80,9 +80,12 @@ def split_indices(
     Raises
     ------
     DataError
-        The sizes add up to more than ``n``.
+        A size is negative, or the sizes add up to more than ``n``.
     """
     sizes = {k: _count(v, n) for k, v in zip(SPLITS, (train, val, test))}
+    negative = {k: v for k, v in sizes.items() if v is not None and v < 0}
+    if negative:
+        raise DataError(f"split sizes must not be negative: {negative}")
     fixed = sum(v for v in sizes.values() if v is not None)
     if fixed > n:
         raise DataError(f"split sizes {sizes} add up to more than the {n} frames available")

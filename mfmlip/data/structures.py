@@ -68,15 +68,18 @@ def _raw_label(atoms: Atoms, key: str):
     return None
 
 
-def _checked(value, shape, where: str, allow_missing: bool):
-    """Return ``value`` as a float array of ``shape``, or None when missing."""
+def _checked(value, shape, where: str, allow_missing: bool, voigt: bool = False):
+    """Return ``value`` as a float array of ``shape``, or None when missing.
+
+    With ``voigt``, a 6-vector is read as Voigt stress (xx, yy, zz, yz, xz, xy).
+    """
     if value is None:
         return None
     try:
         arr = np.asarray(value, dtype=float)
     except (TypeError, ValueError) as err:
         raise DataError(f"{where}: not numeric ({err})") from None
-    if arr.size == 6 and shape == (3, 3):
+    if voigt and arr.size == 6:
         arr = voigt_6_to_full_3x3_stress(arr)
     if arr.shape != shape and arr.size == np.prod(shape):
         arr = arr.reshape(shape)
@@ -135,7 +138,8 @@ def structure_from_atoms(
         _raw_label(atoms, forces_key), (n, 3), f"{source}, field '{forces_key}'", allow_missing_labels
     )
     stress = _checked(
-        _raw_label(atoms, stress_key), (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels
+        _raw_label(atoms, stress_key), (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels,
+        voigt=True,
     )
     return Structure(
         positions=positions,
@@ -151,14 +155,23 @@ def structure_from_atoms(
     )
 
 
-def _frame_numbers(index: str, n_read: int) -> range:
-    """File frame numbers of the frames an ASE index string selected (for messages)."""
+def _read_frames(path: Path, index: str) -> tuple[list[Atoms], range]:
+    """Frames an ASE index string selects, with their frame numbers in the file.
+
+    Forward slices are read lazily by ASE; negative or reversed selections read
+    the whole file so that the frame numbers are exact.
+    """
     sel = string2index(index)
     if isinstance(sel, int):
-        return range(sel, sel + 1)
-    if (sel.step or 1) > 0 and (sel.start or 0) >= 0:
-        return range(sel.start or 0, (sel.start or 0) + n_read * (sel.step or 1), sel.step or 1)
-    return range(n_read)
+        sel = slice(sel, sel + 1 if sel != -1 else None)
+    step = sel.step or 1
+    if step > 0 and (sel.start or 0) >= 0 and (sel.stop is None or sel.stop >= 0):
+        frames = ase.io.read(path, index=sel)
+        start = sel.start or 0
+        return frames, range(start, start + len(frames) * step, step)
+    every = ase.io.read(path, index=":")
+    numbers = range(len(every))[sel]
+    return [every[k] for k in numbers], numbers
 
 
 def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Structure]:
@@ -185,14 +198,12 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        frames = ase.io.read(path, index=index)
+        frames, numbers = _read_frames(path, index)
     except Exception as err:  # ASE raises many types for malformed files
         raise DataError(f"{path}: cannot be read by ASE: {type(err).__name__}: {err}") from None
-    if isinstance(frames, Atoms):
-        frames = [frames]
     if not frames:
         raise DataError(f"{path}: contains no structures")
     return [
         structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
-        for k, atoms in zip(_frame_numbers(index, len(frames)), frames)
+        for k, atoms in zip(numbers, frames)
     ]

@@ -54,7 +54,7 @@ class MFPotential(torch.nn.Module):
         fidelities: list[str],
         cutoff: float = 5.0,
         channels: int = 32,
-        lmax: int = 2,
+        lmax: int = 1,
         num_layers: int = 3,
         num_radial: int = 8,
         radial_hidden: int = 64,
@@ -77,8 +77,9 @@ class MFPotential(torch.nn.Module):
         z_to_species = torch.full((119,), -1, dtype=torch.long)
         z_to_species[torch.tensor(self.species)] = torch.arange(len(self.species))
         self.register_buffer("z_to_species", z_to_species)
-        e0 = torch.zeros(len(fidelities), len(species)) if e0 is None else torch.as_tensor(e0)
-        self.register_buffer("e0", e0.to(torch.get_default_dtype()).clone())
+        e0 = torch.zeros(len(fidelities), len(species)) if e0 is None else e0
+        # full precision until the model is cast with .to(dtype)
+        self.register_buffer("e0", torch.as_tensor(e0, dtype=torch.float64).clone())
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
 
         self.fidelity = build_conditioning(fidelity_scheme, len(fidelities), sites=tuple(fidelity_sites))
@@ -97,6 +98,11 @@ class MFPotential(torch.nn.Module):
         self.readout = Readout(
             channels + self.fidelity.extra_dim("readout"), max(channels // 2, 8), self.fidelity.n_heads
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the weights; inputs are cast to it."""
+        return self.embedding.weight.dtype
 
     # -- lookups ------------------------------------------------------------
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
@@ -138,7 +144,7 @@ class MFPotential(torch.nn.Module):
         graph_of_atom = batch[K.BATCH]
         n_graphs = batch[K.N_ATOMS].shape[0]
         fid_atom = batch[K.FIDELITY][graph_of_atom]
-        dtype = self.e0.dtype
+        dtype = self.dtype
         with torch.enable_grad():
             positions, cell = batch[K.POSITIONS].to(dtype), batch[K.CELL].to(dtype)
             if compute_forces:
@@ -179,7 +185,7 @@ class MFPotential(torch.nn.Module):
         for block in self.blocks:
             h = block(h, feats, sh, radial, batch[K.EDGE_INDEX])
         heads = self.readout(self.fidelity.augment(h, feats, "readout"))
-        atomic = self.fidelity.select(heads, fid_atom) * self.energy_scale + self.e0[fid_atom, species]
+        atomic = self.fidelity.select(heads, fid_atom) * self.energy_scale + self.e0[fid_atom, species].to(h.dtype)
         energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device).index_add(
             0, graph_of_atom, atomic
         )

@@ -61,7 +61,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=torch
     data = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(data, dict) or "hparams" not in data or "state_dict" not in data:
         raise ValueError(f"{path} is not an mfmlip model file (no hparams/state_dict)")
-    model = MFPotential(**data["hparams"])
+    saved_dtype = data["state_dict"]["embedding.weight"].dtype
+    model = MFPotential(**data["hparams"]).to(saved_dtype)  # no rounding while loading
     model.load_state_dict(data["state_dict"])
     model.metadata = data.get("metadata", {})
     return model.to(device=device, dtype=dtype).eval()

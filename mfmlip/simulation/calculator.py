@@ -24,7 +24,8 @@ class MFCalculator(Calculator):
     model : path of a model file written by ``mfmlip train``, or an :class:`MFPotential`.
     fidelity : the level of theory to reproduce; required, no default.
     device : torch device, e.g. ``"cpu"`` or ``"cuda"``.
-    dtype : ``"float32"`` or ``"float64"``.
+    dtype : ``"float32"`` or ``"float64"``; default: the model object's own
+        dtype, or float32 for a model file.
     min_distance : Angstrom; structures with two atoms closer than this are
         refused (the model has never seen such geometries).
 
@@ -51,15 +52,16 @@ class MFCalculator(Calculator):
         model: str | Path | MFPotential,
         fidelity: str | None = None,
         device: str | torch.device = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,
         min_distance: float = 0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        torch_dtype = getattr(torch, dtype)
         if isinstance(model, MFPotential):
+            torch_dtype = getattr(torch, dtype) if dtype else model.dtype
             self.model = model.to(device=device, dtype=torch_dtype).eval()
         else:
+            torch_dtype = getattr(torch, dtype or "float32")
             self.model = load_model(model, device=device, dtype=torch_dtype)
         if fidelity is None:
             raise ValueError(f"fidelity is required; this model has {self.model.fidelities}")

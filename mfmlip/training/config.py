@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+    ValidationError, field_validator,
+)
 
 from mfmlip.model.fidelity import SCHEMES, SITES
 
-Size = Optional[Union[NonNegativeFloat, int]]
+Size = Optional[Union[NonNegativeFloat, NonNegativeInt]]
 LABEL_NAMES = ("energy", "forces", "stress")
 
 
@@ -75,7 +78,7 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     cutoff: PositiveFloat = 5.0
     channels: PositiveInt = 32
-    lmax: int = Field(2, ge=0, le=4)
+    lmax: int = Field(1, ge=0, le=4)
     num_layers: PositiveInt = 3
     num_radial: PositiveInt = 8
     radial_hidden: PositiveInt = 64
@@ -119,6 +122,7 @@ class TrainingConfig(_Strict):
     patience: PositiveInt = 50
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     gradient_clip: Optional[PositiveFloat] = 10.0
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
     num_workers: int = Field(0, ge=0)
     device: str = "cpu"
     eval_batch_size: PositiveInt = 64

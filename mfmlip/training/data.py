@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfmlip import keys as K
 from mfmlip.data.e0 import build_e0_table, composition_matrix
 from mfmlip.data.graph import collate, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
@@ -129,7 +130,7 @@ class GraphDataset(torch.utils.data.Dataset):
         return len(self.graphs)
 
     def __getitem__(self, i: int) -> dict:
-        return self.graphs[i]
+        return {**self.graphs[i], K.STRUCTURE_INDEX: torch.tensor([i])}
 
 
 def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):

@@ -41,8 +41,10 @@ class MaskedLoss(torch.nn.Module):
 
     def _term(self, err, mask, weight) -> torch.Tensor:
         """err (n, ...) masked by (n,) and weighted by (n,); mean over labelled entries."""
+        m = mask & (weight > 0)
+        err = torch.where(m.reshape(-1, *([1] * (err.dim() - 1))), err, torch.zeros_like(err))
         per_item = self._rho(err).reshape(err.shape[0], -1)
-        m = (mask & (weight > 0)).to(err.dtype)
+        m = m.to(err.dtype)
         count = (m.sum() * per_item.shape[1]).clamp(min=1.0)
         return (per_item.sum(1) * m * weight.to(err.dtype)).sum() / count
 

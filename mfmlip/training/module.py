@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
 from mfmlip.model.potential import MFPotential
@@ -18,7 +19,8 @@ class MFLightningModule(L.LightningModule):
     ----------
     model_hparams : keyword arguments of :class:`MFPotential` (e0 included).
     loss_weights : (n_fidelities, 3) energy/forces/stress weights.
-    optim : dict with lr, min_lr_ratio, optimizer, weight_decay, max_epochs, loss, huber_delta.
+    optim : dict with lr, min_lr_ratio, optimizer, weight_decay, max_epochs, loss,
+        huber_delta, nonfinite_loss ("stop" or "skip").
     dtype : "float32" or "float64".
     """
 
@@ -29,9 +31,11 @@ class MFLightningModule(L.LightningModule):
         self.loss_fn = MaskedLoss(torch.as_tensor(loss_weights), optim["loss"], optim["huber_delta"])
         self.optim = optim
         self._val_metrics = None
+        self.train_sources: list[str] = []  # set by the run, for error messages
+        self.skipped_batches = 0
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
-        return to_device(batch, self.device, self.model.e0.dtype)
+        return to_device(batch, self.device, self.model.dtype)
 
     def _step(self, batch):
         pred = self.model(batch, compute_forces=self.loss_fn.needs_forces, compute_stress=self.loss_fn.needs_stress)
@@ -40,11 +44,28 @@ class MFLightningModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         _, loss, parts = self._step(batch)
+        if not torch.isfinite(loss):
+            return self._nonfinite(loss, batch)
         n = batch["n_atoms"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
         for k, v in parts.items():
             self.log(f"train_{k}", v, batch_size=n)
         return loss
+
+    def _nonfinite(self, loss, batch):
+        """Stop with the batch's structures named, or skip the batch and count it."""
+        names = [
+            self.train_sources[i] if i < len(self.train_sources) else f"structure #{i}"
+            for i in batch[K.STRUCTURE_INDEX].tolist()
+        ]
+        if self.optim.get("nonfinite_loss") == "skip":
+            self.skipped_batches += 1
+            self.log("skipped_batches", float(self.skipped_batches))
+            return None  # Lightning skips the optimiser step
+        raise FloatingPointError(
+            f"loss is {loss.item()} in a batch of {names}; lower training.lr, or set "
+            "training.nonfinite_loss: skip to skip such batches"
+        )
 
     def on_validation_epoch_start(self):
         self._val_metrics = MetricAccumulator(self.model.fidelities)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +25,8 @@ from mfmlip.training.data import make_loader, prepare_data, training_statistics
 from mfmlip.training.module import MFLightningModule
 
 MODEL_FILE = "model.pt"
+OPTIM_KEYS = {"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "loss", "huber_delta", "nonfinite_loss"}
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 
 
 def _model_hparams(cfg: Config, data, stats) -> dict:
@@ -54,7 +59,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         devices=1,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        logger=CSVLogger(out, name="logs", version=""),
+        logger=CSVLogger(out, name="logs"),  # logs/version_N/metrics.csv, one per (resumed) fit
         inference_mode=False,
         gradient_clip_val=t.gradient_clip,
         enable_model_summary=False,
@@ -68,8 +73,9 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     """Train the model a config describes; return the path of the model file.
 
     Writes into ``output_dir``: ``model.pt`` (best validation weights),
-    ``checkpoints/{best,last}.ckpt``, ``logs/metrics.csv``, ``test_metrics.json``
-    and ``parity_test.png`` when a test split exists.
+    ``checkpoints/{best,last}.ckpt``, ``logs/version_N/metrics.csv`` (one per
+    fit; a resumed run adds a version, see :func:`read_metrics`),
+    ``test_metrics.json`` and ``parity_test.png`` when a test split exists.
 
     Raises
     ------
@@ -86,20 +92,14 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     stats = training_statistics(data, cfg)
     hparams = _model_hparams(cfg, data, stats)
     weights = [cfg.training.weights_for(f) for f in data.fidelities]
-    optim = dict(cfg.training.model_dump(include={"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "loss", "huber_delta"}))
+    optim = cfg.training.model_dump(include=OPTIM_KEYS)
     module = MFLightningModule(hparams, weights, optim, cfg.model.dtype)
+    module.train_sources = [s.source for s in data.splits["train"]]
     t = cfg.training
     train_loader = make_loader(data.graphs("train", cfg.model.cutoff), t.batch_size, True, t.num_workers, cfg.seed)
     val_loader = make_loader(data.graphs("val", cfg.model.cutoff), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
-    last = out / "checkpoints" / "last.ckpt"
-    ckpt_path = None
-    if resume:
-        if last.is_file():
-            ckpt_path = str(last)
-            print(f"resuming from {last}", flush=True)
-        else:
-            print(f"--resume: no checkpoint at {last}; starting a new run", flush=True)
+    ckpt_path = _checkpoint_to_resume(out, resume)
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
 
     best = out / "checkpoints" / "best.ckpt"
@@ -119,6 +119,28 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
         _test_report(model, data, cfg, out)
     print(f"total time {time.time() - started:.0f} s", flush=True)
     return model_path
+
+
+def _checkpoint_to_resume(out: Path, resume: bool) -> str | None:
+    """``last.ckpt`` when resuming; a fresh run clears the logs of any earlier one."""
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and last.is_file():
+        print(f"resuming from {last}", flush=True)
+        return str(last)
+    if resume:
+        print(f"--resume: no checkpoint at {last}; starting a new run", flush=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
+    return None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """Rows of every ``logs/version_N/metrics.csv`` of a run, oldest fit first."""
+    files = sorted(Path(output_dir, "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
+    rows = []
+    for path in files:
+        with open(path, newline="") as fh:
+            rows.extend(csv.DictReader(fh))
+    return rows
 
 
 def _test_report(model, data, cfg: Config, out: Path) -> dict:
