@@ -29,8 +29,3 @@ STRESS_MASK = "stress_mask"  # (n_graphs,) bool, True where the stress label exi
 # --- model outputs (same names and units as the labels) -----------------
 ATOMIC_ENERGY = "atomic_energy"  # (n_atoms,) float, eV, including E0
 NODE_FEATURES = "node_features"  # (n_atoms, dim) invariant features after the last block
-
-LABELS = (ENERGY, FORCES, STRESS)
-MASKS = {ENERGY: ENERGY_MASK, FORCES: FORCES_MASK, STRESS: STRESS_MASK}
-PER_ATOM = (POSITIONS, ATOMIC_NUMBERS, FORCES, FORCES_MASK)
-PER_GRAPH = (CELL, PBC, N_ATOMS, FIDELITY, ENERGY, STRESS, ENERGY_MASK, STRESS_MASK)

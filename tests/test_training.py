@@ -1,4 +1,3 @@
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path

@@ -11,8 +11,13 @@ itself. It asks a :class:`FidelityConditioning` for
 * ``n_heads`` and ``select(...)``: how many atomic-energy outputs the readout
   has, and which one each atom uses.
 
-A new scheme (global state embedding as in multi-fidelity M3GNet, one readout
-head per fidelity as in hippynn MFL) is one subclass registered in ``SCHEMES``.
+Schemes, chosen by name in the config (``model.fidelity_scheme``):
+
+* ``one_hot_linear``: SevenNet-MF (Kim et al.), :class:`OneHotLinear`;
+* ``state_embedding``: multi-fidelity M3GNet (Ko & Ong 2025), :class:`StateEmbedding`;
+* ``heads``: one readout output per fidelity (hippynn MFL, MACE multi-head), :class:`Heads`.
+
+A new scheme is one subclass registered in ``SCHEMES``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ class FidelityConditioning(torch.nn.Module):
 
     n_heads = 1
 
-    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES):
+    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES, **_):
         super().__init__()
         unknown = set(sites) - set(SITES)
         if unknown:
@@ -88,7 +93,65 @@ class OneHotLinear(FidelityConditioning):
         return torch.nn.functional.one_hot(fidelity, self.n_fidelities).float()
 
 
-SCHEMES = {"one_hot_linear": OneHotLinear}
+class StateEmbedding(FidelityConditioning):
+    """Multi-fidelity M3GNet conditioning (Ko & Ong, npj Comput. Mater. 2025).
+
+    Each fidelity has a learned state vector of length ``dim`` (16 in the
+    paper), appended as a global state to the scalar inputs of every
+    interaction block and of the readout.
+
+    Examples
+    --------
+    >>> import torch
+    >>> StateEmbedding(2, dim=4).features(torch.tensor([0, 1, 1])).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES, dim: int = 16):
+        super().__init__(n_fidelities, sites)
+        self.embedding = torch.nn.Embedding(n_fidelities, dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.embedding.embedding_dim
+
+    def features(self, fidelity: torch.Tensor) -> torch.Tensor:
+        return self.embedding(fidelity)
+
+
+class Heads(FidelityConditioning):
+    """One atomic-energy output per fidelity on a shared network (hippynn MFL,
+    Messerly et al., MLST 2025; MACE multi-head fine-tuning).
+
+    The backbone never sees the fidelity; ``sites`` is ignored. The readout has
+    ``n_fidelities`` outputs and each atom takes the one of its structure.
+
+    Examples
+    --------
+    >>> import torch
+    >>> Heads(2).select(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1, 0])).tolist()
+    [2.0, 3.0]
+    """
+
+    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = (), **_):
+        super().__init__(n_fidelities, ())
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_fidelities
+
+    @property
+    def feature_dim(self) -> int:
+        return 0
+
+    def features(self, fidelity: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(fidelity.shape[0], 0, device=fidelity.device)
+
+    def select(self, heads: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
+        return heads.gather(1, fidelity.unsqueeze(1)).squeeze(1)
+
+
+SCHEMES = {"one_hot_linear": OneHotLinear, "state_embedding": StateEmbedding, "heads": Heads}
 
 
 def build_conditioning(scheme: str, n_fidelities: int, **options) -> FidelityConditioning:

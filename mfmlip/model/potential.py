@@ -32,7 +32,8 @@ class MFPotential(torch.nn.Module):
     num_radial, radial_hidden, envelope_p : Bessel basis size, radial MLP width,
         polynomial envelope exponent.
     avg_num_neighbors : divisor of the aggregated messages.
-    fidelity_scheme, fidelity_sites : see :mod:`mfmlip.model.fidelity`.
+    fidelity_scheme, fidelity_sites, fidelity_dim : see :mod:`mfmlip.model.fidelity`
+        (``fidelity_dim`` is the state-vector length of ``state_embedding``).
     e0 : (n_fidelities, n_species) reference energies in eV; zeros if None.
     energy_scale : eV, multiplies the readout.
 
@@ -62,6 +63,7 @@ class MFPotential(torch.nn.Module):
         avg_num_neighbors: float = 1.0,
         fidelity_scheme: str = "one_hot_linear",
         fidelity_sites: tuple[str, ...] = SITES,
+        fidelity_dim: int = 16,
         e0=None,
         energy_scale: float = 1.0,
     ):
@@ -71,7 +73,7 @@ class MFPotential(torch.nn.Module):
             channels=channels, lmax=lmax, num_layers=num_layers, num_radial=num_radial,
             radial_hidden=radial_hidden, envelope_p=envelope_p,
             avg_num_neighbors=float(avg_num_neighbors), fidelity_scheme=fidelity_scheme,
-            fidelity_sites=list(fidelity_sites),
+            fidelity_sites=list(fidelity_sites), fidelity_dim=int(fidelity_dim),
         )
         self.species, self.fidelities, self.cutoff = list(self.hparams["species"]), list(fidelities), float(cutoff)
         z_to_species = torch.full((119,), -1, dtype=torch.long)
@@ -82,7 +84,9 @@ class MFPotential(torch.nn.Module):
         self.register_buffer("e0", torch.as_tensor(e0, dtype=torch.float64).clone())
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
 
-        self.fidelity = build_conditioning(fidelity_scheme, len(fidelities), sites=tuple(fidelity_sites))
+        self.fidelity = build_conditioning(
+            fidelity_scheme, len(fidelities), sites=tuple(fidelity_sites), dim=fidelity_dim
+        )
         self.embedding = torch.nn.Embedding(len(species), channels)
         self.radial = RadialBasis(cutoff, num_radial, envelope_p)
         self.irreps_sh = o3.Irreps.spherical_harmonics(lmax)

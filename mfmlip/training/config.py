@@ -85,6 +85,7 @@ class ModelConfig(_Strict):
     envelope_p: PositiveInt = 6
     fidelity_scheme: str = "one_hot_linear"
     fidelity_sites: list[Literal["pre", "post", "readout"]] = list(SITES)
+    fidelity_dim: PositiveInt = 16
     dtype: Literal["float32", "float64"] = "float32"
 
     @field_validator("fidelity_scheme")

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -35,7 +34,7 @@ def _model_hparams(cfg: Config, data, stats) -> dict:
         species=data.species, fidelities=data.fidelities, cutoff=m.cutoff, channels=m.channels,
         lmax=m.lmax, num_layers=m.num_layers, num_radial=m.num_radial, radial_hidden=m.radial_hidden,
         envelope_p=m.envelope_p, avg_num_neighbors=stats["avg_num_neighbors"],
-        fidelity_scheme=m.fidelity_scheme, fidelity_sites=tuple(m.fidelity_sites),
+        fidelity_scheme=m.fidelity_scheme, fidelity_sites=tuple(m.fidelity_sites), fidelity_dim=m.fidelity_dim,
         e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"],
     )
 
