@@ -133,10 +133,31 @@ class GraphDataset(torch.utils.data.Dataset):
         return {**self.graphs[i], K.STRUCTURE_INDEX: torch.tensor([i])}
 
 
+class EpochShuffle(torch.utils.data.Sampler):
+    """Random order that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
+    from a checkpoint sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):
     """DataLoader over prebuilt graphs that yields collated batches."""
     return torch.utils.data.DataLoader(
-        GraphDataset(graphs), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-        num_workers=num_workers, generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        persistent_workers=num_workers > 0,
+        GraphDataset(graphs), batch_size=batch_size, collate_fn=collate,
+        sampler=EpochShuffle(len(graphs), seed) if shuffle else None,
+        num_workers=num_workers, persistent_workers=num_workers > 0,
     )
