@@ -235,13 +235,21 @@ def test_config_rejects_negative_split_size(tmp_path):
 def test_missing_data_file_names_path_and_how_to_set_the_root(tmp_path, monkeypatch):
     monkeypatch.delenv("MFMLIP_DATA", raising=False)
     cfg = base_config(tmp_path)
-    cfg["data"]["root"] = str(tmp_path / "nowhere")
+    (tmp_path / "empty_root").mkdir()
+    cfg["data"]["root"] = str(tmp_path / "empty_root")
     path = write_config(tmp_path / "c.yaml", cfg)
     with pytest.raises(ConfigError) as err:
         train(path)
     message = str(err.value)
-    assert str(tmp_path / "nowhere" / "water.extxyz") in message
+    assert str(tmp_path / "empty_root" / "water.extxyz") in message
     assert "--data-root" in message and "MFMLIP_DATA" in message
+
+
+def test_data_root_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("MFMLIP_DATA", str(tmp_path / "nowhere"))
+    path = write_config(tmp_path / "c.yaml", base_config(tmp_path))
+    with pytest.raises(ConfigError, match=f"data root {tmp_path / 'nowhere'} does not exist"):
+        train(path)
 
 
 def test_resolve_data_root_order(tmp_path, monkeypatch):

@@ -215,10 +215,10 @@ def data_file(root: Path, relative: str) -> Path:
     ConfigError
         The file does not exist; the message names the path and how the root was set.
     """
+    how = "set it with --data-root, the MFMLIP_DATA environment variable, or data.root in the config"
     path = Path(relative) if Path(relative).is_absolute() else root / relative
+    if not Path(relative).is_absolute() and not root.is_dir():
+        raise ConfigError(f"data root {root} does not exist ({how})")
     if not path.is_file():
-        raise ConfigError(
-            f"data file {path} not found (data root {root}; set it with --data-root, "
-            "the MFMLIP_DATA environment variable, or data.root in the config)"
-        )
+        raise ConfigError(f"data file {path} not found (data root {root}; {how})")
     return path
