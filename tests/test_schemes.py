@@ -63,3 +63,36 @@ def test_state_embedding_has_one_vector_per_fidelity(make_model):
 def test_unknown_scheme_is_refused(make_model):
     with pytest.raises(ValueError, match="unknown fidelity scheme 'bogus'"):
         make_model(species=(14,), fidelity_scheme="bogus")
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_added_fidelity_starts_as_a_copy_and_can_be_fine_tuned(make_model, si_cell, scheme):
+    from mfmlip.model.extend import add_fidelity
+
+    model = _model(make_model, scheme)
+    bigger = add_fidelity(model, "MP2", like="SCAN")
+    assert bigger.fidelities == ["PBE", "SCAN", "MP2"]
+    for fid in (0, 1):  # old fidelities unchanged
+        torch.testing.assert_close(predict(bigger, si_cell, fid)["energy"], predict(model, si_cell, fid)["energy"])
+    new, like = predict(bigger, si_cell, 2), predict(model, si_cell, 1)
+    torch.testing.assert_close(new["energy"], like["energy"])
+    torch.testing.assert_close(new["forces"], like["forces"])
+    # fine-tuning on the new fidelity only moves its predictions away from SCAN's
+    target = float(like["energy"]) + 0.5
+    opt = torch.optim.Adam(bigger.parameters(), lr=1e-2)
+    from conftest import atoms_to_batch
+
+    batch = atoms_to_batch(si_cell, bigger.cutoff, 2)
+    for _ in range(30):
+        loss = (bigger(batch, compute_forces=False)["energy"][0] - target) ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(float(predict(bigger, si_cell, 2)["energy"]) - target) < 0.1
+
+
+def test_adding_an_existing_fidelity_is_refused(make_model):
+    from mfmlip.model.extend import add_fidelity
+
+    with pytest.raises(ValueError, match="exists already"):
+        add_fidelity(make_model(species=(14,)), "PBE")
