@@ -124,6 +124,9 @@ class TrainingConfig(_Strict):
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     gradient_clip: Optional[PositiveFloat] = 10.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    init_from: Optional[str] = None
+    new_fidelity_like: Optional[str] = None
+    freeze: list[str] = []
     num_workers: int = Field(0, ge=0)
     device: str = "cpu"
     eval_batch_size: PositiveInt = 64

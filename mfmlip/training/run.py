@@ -16,10 +16,12 @@ from lightning.pytorch.loggers import CSVLogger
 
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
-from mfmlip.data.e0 import e0_as_dict
-from mfmlip.model.serialization import save_model
+from mfmlip.data.e0 import build_e0_table, e0_as_dict
+from mfmlip.model.extend import add_fidelity
+from mfmlip.model.potential import MFPotential
+from mfmlip.model.serialization import load_model, save_model
 from mfmlip.training.checkpoint import AtomicCheckpointIO
-from mfmlip.training.config import Config, load_config, resolve_data_root
+from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import make_loader, prepare_data, training_statistics
 from mfmlip.training.module import MFLightningModule
 
@@ -37,6 +39,49 @@ def _model_hparams(cfg: Config, data, stats) -> dict:
         fidelity_scheme=m.fidelity_scheme, fidelity_sites=tuple(m.fidelity_sites), fidelity_dim=m.fidelity_dim,
         e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"],
     )
+
+
+def _initial_model(cfg: Config, data, stats) -> tuple[dict, MFPotential | None]:
+    """Hyperparameters of a fresh model, or of ``training.init_from`` extended
+    by the data's new fidelities (each a copy of ``training.new_fidelity_like``,
+    with E0 fitted on the training split) together with that model."""
+    if not cfg.training.init_from:
+        return _model_hparams(cfg, data, stats), None
+    base = load_model(cfg.training.init_from, dtype=torch.float64)
+    unknown = sorted(set(data.species) - set(base.species))
+    if unknown:
+        raise ConfigError(
+            f"training.init_from {cfg.training.init_from}: the data has elements {unknown} "
+            f"(atomic numbers) the model does not know; it knows {base.species}"
+        )
+    new = [f for f in data.fidelities if f not in base.fidelities]
+    for name in new:
+        base = add_fidelity(base, name, like=cfg.training.new_fidelity_like)
+    if new:
+        train = [s for s in data.splits["train"] if s.fidelity in new]
+        table = build_e0_table(train, base.species, new, cfg.data.e0, cfg.data.e0_ridge)
+        with torch.no_grad():
+            for row, name in zip(table, new, strict=True):
+                base.e0[base.fidelity_index(name)] = torch.as_tensor(row)
+    return dict(base.hparams, e0=base.e0, energy_scale=float(base.energy_scale)), base
+
+
+def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
+    """Stop training the parameters under the named submodules (e.g. ``embedding``,
+    ``blocks.0``), as in transfer learning (Ko & Ong 2025 froze the embedding).
+
+    Raises
+    ------
+    ConfigError
+        A name matches no parameter.
+    """
+    for prefix in prefixes:
+        hits = [p for n, p in model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            top = sorted({n.split(".")[0] for n, _ in model.named_parameters()})
+            raise ConfigError(f"training.freeze: {prefix!r} matches no parameter; top-level modules: {top}")
+        for p in hits:
+            p.requires_grad_(False)
 
 
 def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
@@ -89,14 +134,19 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     data = prepare_data(cfg, resolve_data_root(cfg, data_root))
     print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
     stats = training_statistics(data, cfg)
-    hparams = _model_hparams(cfg, data, stats)
+    hparams, initial = _initial_model(cfg, data, stats)
+    data.fidelities = hparams["fidelities"]  # graphs index the model's fidelity list
     weights = [cfg.training.weights_for(f) for f in data.fidelities]
     optim = cfg.training.model_dump(include=OPTIM_KEYS)
     module = MFLightningModule(hparams, weights, optim, cfg.model.dtype)
+    if initial is not None:
+        module.model.load_state_dict(initial.state_dict())
+    freeze(module.model, cfg.training.freeze)
     module.train_sources = [s.source for s in data.splits["train"]]
     t = cfg.training
-    train_loader = make_loader(data.graphs("train", cfg.model.cutoff), t.batch_size, True, t.num_workers, cfg.seed)
-    val_loader = make_loader(data.graphs("val", cfg.model.cutoff), t.eval_batch_size, False, t.num_workers)
+    cutoff = hparams["cutoff"]
+    train_loader = make_loader(data.graphs("train", cutoff), t.batch_size, True, t.num_workers, cfg.seed)
+    val_loader = make_loader(data.graphs("val", cutoff), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
@@ -107,7 +157,7 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
     meta = {
-        "e0": e0_as_dict(stats["e0"], data.species, data.fidelities),
+        "e0": e0_as_dict(model.e0_table(), model.species, model.fidelities),
         "config": cfg.model_dump(mode="json"),
         "epochs_trained": trainer.current_epoch,
     }
