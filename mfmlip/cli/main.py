@@ -1,4 +1,6 @@
-"""The ``mfmlip`` command line: ``mfmlip train`` and ``mfmlip evaluate``."""
+"""The ``mfmlip`` command line: ``train``, ``evaluate``, and the simulation and
+analysis commands of :mod:`mfmlip.cli.simulate` (``relax``, ``eos``, ``md``,
+``rdf``, ``adf``, ``coordination``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import json
 import re
 import sys
 from pathlib import Path
+
+from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
 
 
 def _train(args) -> None:
@@ -57,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
+    add_simulation_parsers(sub)
     return parser
 
 

@@ -2,34 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mfmlip.atomic_io import atomic_write
 from mfmlip.model.potential import MFPotential
 
 FORMAT_VERSION = 1
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename.
+    """``torch.save`` through :func:`mfmlip.atomic_io.atomic_write`.
 
     A kill during the write leaves any previous file at ``path`` intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_model(model: MFPotential, path: str | Path, metadata: dict | None = None) -> None:

@@ -1,0 +1,12 @@
+"""Simulations through ASE: relaxation, equation of state, molecular dynamics.
+
+The calculator (:class:`mfmlip.simulation.calculator.MFCalculator`, needs torch)
+is not imported here; use ``from mfmlip import MFCalculator``.
+"""
+
+from mfmlip.simulation.eos import EOSResult, equation_of_state, plot_eos
+from mfmlip.simulation.md import MDResult, load_checkpoint, read_log, run_md
+from mfmlip.simulation.relax import max_force, relax
+
+__all__ = ["relax", "max_force", "equation_of_state", "EOSResult", "plot_eos", "run_md", "MDResult",
+           "read_log", "load_checkpoint"]
