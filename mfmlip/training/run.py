@@ -161,6 +161,8 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
         "config": cfg.model_dump(mode="json"),
         "epochs_trained": trainer.current_epoch,
     }
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"training diverged: no finite weights to save (see {out / 'logs'})")
     model_path = out / MODEL_FILE
     save_model(model, model_path, meta)
     print(f"model written to {model_path}", flush=True)
