@@ -33,7 +33,8 @@ def evaluate(
     Returns
     -------
     metrics : ``{label fidelity: {"energy_mae": meV/atom, "forces_mae": meV/A, ...}}``
-    pairs : ``{label fidelity: {"energy": (pred, ref) eV/atom arrays, "forces": (pred, ref) eV/A}}``
+    pairs : ``{label fidelity: {"energy": (pred, ref), "forces": (pred, ref)}}``: energies
+        per atom above the model's E0 reference (eV/atom), force components (eV/A)
 
     Raises
     ------
@@ -58,7 +59,7 @@ def evaluate(
         pred = {k: v.detach() for k, v in model(batch, compute_forces=True, compute_stress=stress).items()}
         label_batch = dict(batch, **{K.FIDELITY: torch.tensor([names.index(s.fidelity) for s in chunk], device=device)})
         acc.update(pred, label_batch)
-        _collect(pairs, pred, batch, chunk)
+        _collect(pairs, pred, batch, chunk, _e0_sum(model, batch))
     arrays = {
         fid: {q: (np.concatenate(p), np.concatenate(r)) for q, (p, r) in d.items() if p}
         for fid, d in pairs.items()
@@ -66,10 +67,18 @@ def evaluate(
     return acc.compute(), arrays
 
 
-def _collect(pairs, pred, batch, chunk) -> None:
+def _e0_sum(model: MFPotential, batch: dict) -> torch.Tensor:
+    """(n_graphs,) sum of the E0 of each structure's atoms at its fidelity, eV."""
+    fid_atom = batch[K.FIDELITY][batch[K.BATCH]]
+    e0_atom = model.e0[fid_atom, model.species_index(batch[K.ATOMIC_NUMBERS])].to(batch[K.ENERGY].dtype)
+    return torch.zeros_like(batch[K.ENERGY]).index_add(0, batch[K.BATCH], e0_atom)
+
+
+def _collect(pairs, pred, batch, chunk, e0_sum) -> None:
     n = batch[K.N_ATOMS].cpu().numpy()
-    e_pred = (pred[K.ENERGY].cpu().numpy() / n)
-    e_ref = (batch[K.ENERGY].cpu().numpy() / n)
+    e0_sum = e0_sum.detach().cpu().numpy()
+    e_pred = (pred[K.ENERGY].cpu().numpy() - e0_sum) / n
+    e_ref = (batch[K.ENERGY].cpu().numpy() - e0_sum) / n
     e_mask = batch[K.ENERGY_MASK].cpu().numpy()
     f_pred, f_ref = pred[K.FORCES].cpu().numpy(), batch[K.FORCES].cpu().numpy()
     f_mask = batch[K.FORCES_MASK].cpu().numpy()
@@ -85,8 +94,8 @@ def _collect(pairs, pred, batch, chunk) -> None:
 
 
 def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
-    """One PNG: a row per label fidelity, energy (meV/atom, shifted by the
-    reference mean) and force (eV/Angstrom) parity panels."""
+    """One PNG: a row per label fidelity, energy (meV/atom above the E0
+    reference, so composition does not dominate) and force (eV/Angstrom) parity panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,9 +112,8 @@ def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
                 continue
             pred, ref = pairs[fid][q]
             if q == "energy":
-                shift = ref.mean()
-                pred, ref = (pred - shift) * 1000, (ref - shift) * 1000
-                unit = "meV/atom (minus mean)"
+                pred, ref = pred * 1000, ref * 1000
+                unit = "meV/atom above E0"
             else:
                 unit = "eV/Å"
             lo, hi = min(pred.min(), ref.min()), max(pred.max(), ref.max())
