@@ -48,14 +48,15 @@ def test_run_killed_mid_training_resumes_to_the_same_result(tmp_path, data_dir):
     while not last.exists() and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)  # no chance to clean up
-    killed.wait()
+    killed.communicate()
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     done = torch.load(last, weights_only=False)["epoch"]
     assert done < EPOCHS - 1
 
     resumed = _train(killed_cfg, "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
-    assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
+    for proc in (resumed, reference):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
 
     # the resumed fit starts after the last finished epoch: nothing done twice
     fits = sorted((tmp_path / "killed" / "logs").glob("version_*/metrics.csv"))
