@@ -85,14 +85,14 @@ class MFCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        periodic = bool(self.atoms.pbc.all())
-        out = self.model(self._batch(self.atoms), compute_forces=True, compute_stress=periodic)
+        want_stress = "stress" in properties and bool(self.atoms.pbc.all())  # MD asks for forces only
+        out = self.model(self._batch(self.atoms), compute_forces=True, compute_stress=want_stress)
         energy = float(out[K.ENERGY].item())
         self.results = {
             "energy": energy,
             "free_energy": energy,
             "forces": out[K.FORCES].detach().cpu().numpy().astype(np.float64),
         }
-        if periodic:
+        if want_stress:
             stress = out[K.STRESS][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
