@@ -47,7 +47,7 @@ def test_nonfinite_loss_can_skip_and_count(si_cell):
     assert module.skipped_batches == 1
 
 
-def test_training_with_ema_writes_a_working_model(tmp_path, data_dir):
+def test_training_with_ema_writes_a_working_model(tmp_path, data_dir, capsys):
     cfg = {
         "output_dir": str(tmp_path / "run"),
         "data": {"root": str(data_dir), "files": [{
@@ -60,6 +60,10 @@ def test_training_with_ema_writes_a_working_model(tmp_path, data_dir):
     path.write_text(yaml.safe_dump(cfg))
     model_path = train(path)
     assert {int(r["epoch"]) for r in read_metrics(tmp_path / "run")} == {0, 1, 2}
+    # not a terminal: one summary line per epoch, with this epoch's validation MAEs
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split(",")[0] for ln in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("val_loss" in ln and "energy_mae/GFN2-xTB" in ln for ln in lines)
     calc = MFCalculator(model_path, fidelity="GFN2-xTB")
     from ase.io import read
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from mfmlip.analysis.evaluate import evaluate, parity_plot
@@ -24,6 +24,7 @@ from mfmlip.training.checkpoint import AtomicCheckpointIO
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import make_loader, prepare_data, training_statistics
 from mfmlip.training.module import MFLightningModule
+from mfmlip.training.progress import EpochSummary, progress_callback
 
 MODEL_FILE = "model.pt"
 OPTIM_KEYS = {"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "loss", "huber_delta", "nonfinite_loss"}
@@ -92,7 +93,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
             save_last=True, enable_version_counter=False,
         ),
         EarlyStopping(monitor="val_loss", patience=t.patience),
-        TQDMProgressBar(refresh_rate=max(1, n_batches // 20)),
+        progress_callback(n_batches),
     ]
     if t.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
@@ -107,6 +108,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         inference_mode=False,
         gradient_clip_val=t.gradient_clip,
         enable_model_summary=False,
+        enable_progress_bar=not any(isinstance(c, EpochSummary) for c in callbacks),
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, n_batches)),
         default_root_dir=out,

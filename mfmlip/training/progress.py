@@ -1,0 +1,27 @@
+"""Progress reporting: a tqdm bar in a terminal, one line per epoch in logs."""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class EpochSummary(L.Callback):
+    """Prints ``epoch k/n: train_loss ... val_loss ... | per-fidelity MAEs`` after each epoch
+    (``on_train_epoch_end`` runs after that epoch's validation)."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        parts += [f"{k} {m[k]:.4g}" for k in ("train_loss", "val_loss") if k in m]
+        maes = [f"{k[4:]} {v:.1f}" for k, v in sorted(m.items()) if k.startswith("val_") and "_mae/" in k]
+        print(", ".join(parts) + (" | " + ", ".join(maes) if maes else ""), flush=True)
+
+
+def progress_callback(n_batches: int) -> L.Callback:
+    """A tqdm bar when stderr is a terminal, else :class:`EpochSummary`."""
+    if sys.stderr.isatty():
+        return TQDMProgressBar(refresh_rate=max(1, n_batches // 20))
+    return EpochSummary()
