@@ -102,9 +102,10 @@ def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     rows = list(pairs)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 4.2 * len(rows)), squeeze=False)
+    columns = [q for q in ("energy", "forces") if any(q in pairs[f] for f in rows)]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.5 * len(columns), 4.2 * len(rows)), squeeze=False)
     for row, fid in enumerate(rows):
-        for col, q in enumerate(("energy", "forces")):
+        for col, q in enumerate(columns):
             ax = axes[row, col]
             if q not in pairs[fid]:
                 ax.set_axis_off()
