@@ -70,7 +70,6 @@ class MFCalculator(Calculator):
         self.device, self.dtype, self.min_distance = torch.device(device), torch_dtype, float(min_distance)
 
     def _batch(self, atoms) -> dict:
-        self.model.species_index(torch.as_tensor(atoms.get_atomic_numbers()))  # clear error if unknown
         batch = to_device(atoms_to_batch(atoms, self.model.cutoff, self.fidelity_index), self.device, self.dtype)
         centre, neighbour = batch[K.EDGE_INDEX]
         if centre.numel():

@@ -22,7 +22,7 @@ from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
 from mfmlip.training.checkpoint import AtomicCheckpointIO
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
-from mfmlip.training.data import make_loader, prepare_data, training_statistics
+from mfmlip.training.data import average_neighbors, make_loader, prepare_data, training_statistics
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
 
@@ -36,7 +36,7 @@ def _model_hparams(cfg: Config, data, stats) -> dict:
     return dict(
         species=data.species, fidelities=data.fidelities, cutoff=m.cutoff, channels=m.channels,
         lmax=m.lmax, num_layers=m.num_layers, num_radial=m.num_radial, radial_hidden=m.radial_hidden,
-        envelope_p=m.envelope_p, avg_num_neighbors=stats["avg_num_neighbors"],
+        envelope_p=m.envelope_p,
         fidelity_scheme=m.fidelity_scheme, fidelity_sites=tuple(m.fidelity_sites), fidelity_dim=m.fidelity_dim,
         e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"],
     )
@@ -138,6 +138,10 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     stats = training_statistics(data, cfg)
     hparams, initial = _initial_model(cfg, data, stats)
     data.fidelities = hparams["fidelities"]  # graphs index the model's fidelity list
+    t = cfg.training
+    train_graphs = data.graphs("train", hparams["cutoff"])
+    if initial is None:
+        hparams["avg_num_neighbors"] = average_neighbors(train_graphs)
     weights = [cfg.training.weights_for(f) for f in data.fidelities]
     optim = cfg.training.model_dump(include=OPTIM_KEYS)
     module = MFLightningModule(hparams, weights, optim, cfg.model.dtype)
@@ -145,10 +149,8 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
         module.model.load_state_dict(initial.state_dict())
     freeze(module.model, cfg.training.freeze)
     module.train_sources = [s.source for s in data.splits["train"]]
-    t = cfg.training
-    cutoff = hparams["cutoff"]
-    train_loader = make_loader(data.graphs("train", cutoff), t.batch_size, True, t.num_workers, cfg.seed)
-    val_loader = make_loader(data.graphs("val", cutoff), t.eval_batch_size, False, t.num_workers)
+    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed)
+    val_loader = make_loader(data.graphs("val", hparams["cutoff"]), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
