@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from mfmlip.cli.sample import add_parsers as add_sample_parsers
 from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
 
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
     add_simulation_parsers(sub)
+    add_sample_parsers(sub)
     return parser
 
 
