@@ -41,22 +41,12 @@ def evaluate(
     ValueError
         Unknown fidelity or element.
     """
-    model = model.to(device).eval()
     if stress is None:
         stress = any(s.stress is not None for s in structures)
     names = list(dict.fromkeys(s.fidelity for s in structures))
-    forced = None if fidelity is None else model.fidelity_index(fidelity)
     acc = MetricAccumulator(names)
     pairs = defaultdict(lambda: defaultdict(lambda: ([], [])))
-    dtype = model.dtype
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start : start + batch_size]
-        graphs = [
-            structure_to_graph(s, model.cutoff, forced if forced is not None else model.fidelity_index(s.fidelity))
-            for s in chunk
-        ]
-        batch = to_device(collate(graphs), device, dtype)
-        pred = {k: v.detach() for k, v in model(batch, compute_forces=True, compute_stress=stress).items()}
+    for chunk, batch, pred in predict_batches(model, structures, fidelity, batch_size, device, stress):
         label_batch = dict(batch, **{K.FIDELITY: torch.tensor([names.index(s.fidelity) for s in chunk], device=device)})
         acc.update(pred, label_batch)
         _collect(pairs, pred, batch, chunk, _e0_sum(model, batch))
@@ -65,6 +55,30 @@ def evaluate(
         for fid, d in pairs.items()
     }
     return acc.compute(), arrays
+
+
+def predict_batches(model, structures: list[Structure], fidelity: str | None = None, batch_size: int = 64,
+                    device: str | torch.device = "cpu", stress: bool = False):
+    """Yield ``(structures, batch, prediction)`` chunk by chunk, predicted at
+    ``fidelity`` (each structure at its own if None); prediction keys and shapes
+    as :meth:`MFPotential.forward`, detached; the batch carries the labels.
+
+    Raises
+    ------
+    ValueError
+        Unknown fidelity or element.
+    """
+    model = model.to(device).eval()
+    forced = None if fidelity is None else model.fidelity_index(fidelity)
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        graphs = [
+            structure_to_graph(s, model.cutoff, forced if forced is not None else model.fidelity_index(s.fidelity))
+            for s in chunk
+        ]
+        batch = to_device(collate(graphs), device, model.dtype)
+        pred = model(batch, compute_forces=True, compute_stress=stress)
+        yield chunk, batch, {k: v.detach() for k, v in pred.items()}
 
 
 def _e0_sum(model: MFPotential, batch: dict) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Per-fidelity error metrics: MAE and RMSE of energy (meV/atom), forces
+"""Per-fidelity error metrics: MAE, RMSE and largest absolute error of energy (meV/atom), forces
 (meV/Angstrom, per component) and stress (meV/Angstrom^3, per component)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ UNITS = {"energy": "meV/atom", "forces": "meV/A", "stress": "meV/A^3"}
 
 
 class MetricAccumulator:
-    """Sums of absolute and squared errors per fidelity and quantity.
+    """Sums of absolute and squared errors, and the largest error, per fidelity and quantity.
 
     Examples
     --------
@@ -26,11 +26,14 @@ class MetricAccumulator:
     def __init__(self, fidelities: list[str]):
         self.fidelities = list(fidelities)
         self.sums = defaultdict(lambda: torch.zeros(3, dtype=torch.float64))  # |e|, e^2, n
+        self.largest = defaultdict(float)
 
     def add(self, fidelity: str, quantity: str, err: torch.Tensor) -> None:
         """Add errors in eV-based units (converted to meV here)."""
         e = err.detach().double().flatten().cpu() * 1000.0
         self.sums[(fidelity, quantity)] += torch.stack([e.abs().sum(), (e**2).sum(), torch.tensor(float(e.numel()))])
+        if e.numel():
+            self.largest[(fidelity, quantity)] = max(self.largest[(fidelity, quantity)], float(e.abs().max()))
 
     def update(self, pred: dict, batch: dict) -> None:
         """Accumulate the errors of one batch, by each structure's fidelity."""
@@ -49,12 +52,13 @@ class MetricAccumulator:
                 self.add(name, "stress", (pred[K.STRESS] - batch[K.STRESS])[m])
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """``{fidelity: {"energy_mae": ..., "energy_rmse": ..., "energy_n": ...}}`` (meV units)."""
+        """``{fidelity: {"energy_mae", "energy_rmse", "energy_max", "energy_n", ...}}`` (meV units)."""
         out = defaultdict(dict)
         for (fid, q), (abs_sum, sq_sum, n) in self.sums.items():
             if n > 0:
                 out[fid][f"{q}_mae"] = float(abs_sum / n)
                 out[fid][f"{q}_rmse"] = float((sq_sum / n).sqrt())
+                out[fid][f"{q}_max"] = self.largest[(fid, q)]
                 out[fid][f"{q}_n"] = int(n)
         return dict(out)
 

@@ -1,4 +1,4 @@
-"""The ``mfmlip`` command line: ``train``, ``evaluate``, and the simulation and
+"""The ``mfmlip`` command line: ``train``, ``evaluate``, ``study``, and the simulation and
 analysis commands of :mod:`mfmlip.cli.simulate` (``relax``, ``eos``, ``md``,
 ``rdf``, ``adf``, ``coordination``)."""
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mfmlip.cli.sample import add_parsers as add_sample_parsers
 from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
+from mfmlip.cli.study import add_parsers as add_study_parsers
 
 
 def _train(args) -> None:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
     add_simulation_parsers(sub)
+    add_study_parsers(sub)
     add_sample_parsers(sub)
     return parser
 

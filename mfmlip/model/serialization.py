@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from mfmlip.atomic_io import atomic_write
+from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.potential import MFPotential
 
 FORMAT_VERSION = 1
@@ -20,20 +21,31 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def save_model(model: MFPotential, path: str | Path, metadata: dict | None = None) -> None:
-    """Write hyperparameters (species, fidelities, cutoff...), weights and E0s to ``path``."""
-    atomic_torch_save(
-        {
-            "format_version": FORMAT_VERSION,
-            "hparams": model.hparams,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "metadata": metadata or {},
-        },
-        path,
-    )
+def _payload(model: MFPotential) -> dict:
+    return {"hparams": model.hparams, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32) -> MFPotential:
+def save_model(model: MFPotential | DeltaPotential, path: str | Path, metadata: dict | None = None) -> None:
+    """Write hyperparameters (species, fidelities, cutoff...), weights and E0s to
+    ``path``; a :class:`DeltaPotential` is stored as its two models."""
+    if isinstance(model, DeltaPotential):
+        body = {"delta": {"base": _payload(model.base), "correction": _payload(model.correction),
+                          "base_fidelity": model.base_fidelity}}
+    else:
+        body = _payload(model)
+    atomic_torch_save({"format_version": FORMAT_VERSION, **body, "metadata": metadata or {}}, path)
+
+
+def _rebuild(payload: dict) -> MFPotential:
+    saved_dtype = payload["state_dict"]["embedding.weight"].dtype
+    model = MFPotential(**payload["hparams"]).to(saved_dtype)  # no rounding while loading
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype=torch.float32
+) -> MFPotential | DeltaPotential:
     """Rebuild a model from :func:`save_model` output, in eval mode.
 
     Raises
@@ -47,10 +59,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype=torch
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     data = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(data, dict) or "hparams" not in data or "state_dict" not in data:
+    if isinstance(data, dict) and "delta" in data:
+        d = data["delta"]
+        model = DeltaPotential(_rebuild(d["base"]), d["base_fidelity"], _rebuild(d["correction"]))
+    elif isinstance(data, dict) and "hparams" in data and "state_dict" in data:
+        model = _rebuild(data)
+    else:
         raise ValueError(f"{path} is not an mfmlip model file (no hparams/state_dict)")
-    saved_dtype = data["state_dict"]["embedding.weight"].dtype
-    model = MFPotential(**data["hparams"]).to(saved_dtype)  # no rounding while loading
-    model.load_state_dict(data["state_dict"])
     model.metadata = data.get("metadata", {})
     return model.to(device=device, dtype=dtype).eval()

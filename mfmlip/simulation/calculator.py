@@ -11,7 +11,6 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mfmlip import keys as K
 from mfmlip.data.graph import atoms_to_batch, to_device
-from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model
 
 
@@ -21,7 +20,8 @@ class MFCalculator(Calculator):
 
     Parameters
     ----------
-    model : path of a model file written by ``mfmlip train``, or an :class:`MFPotential`.
+    model : path of a model file written by ``mfmlip train``, or an :class:`MFPotential`
+        or :class:`~mfmlip.model.delta.DeltaPotential`.
     fidelity : the level of theory to reproduce; required, no default.
     device : torch device, e.g. ``"cpu"`` or ``"cuda"``.
     dtype : ``"float32"`` or ``"float64"``; default: the model object's own
@@ -49,7 +49,7 @@ class MFCalculator(Calculator):
 
     def __init__(
         self,
-        model: str | Path | MFPotential,
+        model: str | Path | torch.nn.Module,
         fidelity: str | None = None,
         device: str | torch.device = "cpu",
         dtype: str | None = None,
@@ -57,7 +57,7 @@ class MFCalculator(Calculator):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(model, MFPotential):
+        if isinstance(model, torch.nn.Module):
             torch_dtype = getattr(torch, dtype) if dtype else model.dtype
             self.model = model.to(device=device, dtype=torch_dtype).eval()
         else:
@@ -70,17 +70,9 @@ class MFCalculator(Calculator):
         self.device, self.dtype, self.min_distance = torch.device(device), torch_dtype, float(min_distance)
 
     def _batch(self, atoms) -> dict:
-        batch = to_device(atoms_to_batch(atoms, self.model.cutoff, self.fidelity_index), self.device, self.dtype)
-        centre, neighbour = batch[K.EDGE_INDEX]
-        if centre.numel():
-            d = batch[K.POSITIONS][neighbour] - batch[K.POSITIONS][centre] + batch[K.SHIFTS] @ batch[K.CELL][0]
-            closest = float(d.norm(dim=1).min())
-            if closest < self.min_distance:
-                raise ValueError(
-                    f"atoms closer than min_distance={self.min_distance} A (closest {closest:.3f} A): "
-                    "the model cannot be trusted there"
-                )
-        return batch
+        # atoms_to_batch refuses atoms closer than min_distance (DataError, a ValueError)
+        batch = atoms_to_batch(atoms, self.model.cutoff, self.fidelity_index, min_distance=self.min_distance)
+        return to_device(batch, self.device, self.dtype)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -111,7 +111,9 @@ class WeightOverride(_Strict):
 class TrainingConfig(_Strict):
     batch_size: PositiveInt = 16
     max_epochs: PositiveInt = 100
+    max_steps: Optional[PositiveInt] = None  # optimiser steps; the cosine decay then runs over steps
     max_time_minutes: Optional[PositiveFloat] = None
+    val_interval_steps: Optional[PositiveInt] = None  # validate every N steps instead of every epoch
     lr: PositiveFloat = 5e-3
     min_lr_ratio: NonNegativeFloat = 0.01
     optimizer: Literal["adam", "adamw"] = "adam"
@@ -127,6 +129,8 @@ class TrainingConfig(_Strict):
     init_from: Optional[str] = None
     new_fidelity_like: Optional[str] = None
     freeze: list[str] = []
+    delta_from: Optional[str] = None  # base model file: train a correction to its predictions
+    delta_fidelity: Optional[str] = None  # the base model's fidelity to correct (default: its first)
     num_workers: int = Field(0, ge=0)
     device: str = "cpu"
     eval_batch_size: PositiveInt = 64

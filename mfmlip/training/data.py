@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from mfmlip import keys as K
+from mfmlip.analysis.evaluate import predict_batches
 from mfmlip.data.e0 import build_e0_table, composition_matrix
 from mfmlip.data.graph import collate, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
@@ -31,14 +32,15 @@ class PreparedData:
         ]
 
 
-def _strip_labels(structures: list[Structure], labels: list[str]) -> None:
-    for s in structures:
-        if "energy" not in labels:
-            s.energy = float("nan")
-        if "forces" not in labels:
-            s.forces = None
-        if "stress" not in labels:
-            s.stress = None
+def _strip_labels(structures: list[Structure], labels: list[str]) -> list[Structure]:
+    """Copies without the labels a file entry does not train on."""
+    drop = {}
+    if "energy" not in labels:
+        drop["energy"] = float("nan")
+    for name in ("forces", "stress"):
+        if name not in labels:
+            drop[name] = None
+    return [replace(s, **drop) for s in structures] if drop else structures
 
 
 def _split_file(fc: FileConfig, kept: list[Structure], base: Path, seed: int) -> dict[str, list]:
@@ -53,11 +55,30 @@ def _split_file(fc: FileConfig, kept: list[Structure], base: Path, seed: int) ->
     return {k: [kept[i] for i in idx[k]] for k in SPLITS}
 
 
-def prepare_data(cfg: Config, root: Path) -> PreparedData:
+def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures):
+    """Read one ``data.files`` entry with its label selection and filter.
+
+    Returns
+    -------
+    structures : every frame read; kept : frames that passed the filter;
+    dropped : (n_dropped,) positions in ``structures`` of the others.
+    """
+    structures = reader(
+        data_file(root, fc.path), fc.index, fidelity=fc.fidelity, fidelity_key=data_cfg.fidelity_key,
+        energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
+        allow_missing_labels=data_cfg.allow_missing_labels,
+    )
+    structures = _strip_labels(structures, fc.labels)
+    kept, dropped = filter_structures(structures, **fc.filter.model_dump())
+    return structures, kept, dropped
+
+
+def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedData:
     """Read, filter and split every file of the config.
 
     The test split of each file is set aside before anything is fitted: E0s
-    and statistics use the training split only.
+    and statistics use the training split only. ``reader`` has the signature
+    of :func:`read_structures` (a study passes a cached one).
 
     Raises
     ------
@@ -68,14 +89,7 @@ def prepare_data(cfg: Config, root: Path) -> PreparedData:
     report = []
     base = cfg.path.parent if cfg.path else Path.cwd()
     for fc in cfg.data.files:
-        path = data_file(root, fc.path)
-        structures = read_structures(
-            path, fc.index, fidelity=fc.fidelity, fidelity_key=cfg.data.fidelity_key,
-            energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
-            allow_missing_labels=cfg.data.allow_missing_labels,
-        )
-        _strip_labels(structures, fc.labels)
-        kept, dropped = filter_structures(structures, **fc.filter.model_dump())
+        structures, kept, dropped = read_entry(fc, cfg.data, root, reader)
         parts = _split_file(fc, kept, base, cfg.seed)
         for k in SPLITS:
             splits[k].extend(parts[k])
@@ -91,6 +105,29 @@ def prepare_data(cfg: Config, root: Path) -> PreparedData:
     fidelities = list(dict.fromkeys(s.fidelity for k in SPLITS for s in splits[k]))
     species = sorted({int(z) for k in ("train", "val") for s in splits[k] for z in s.atomic_numbers})
     return PreparedData(species, fidelities, splits, report)
+
+
+def subtract_base(structures: list[Structure], base, fidelity: str, batch_size: int = 64) -> list[Structure]:
+    """Copies of ``structures`` whose energy, forces and stress labels are minus
+    ``base``'s predictions at ``fidelity``: the targets of delta-learning
+    (:class:`mfmlip.model.delta.DeltaPotential`). Missing labels stay missing.
+
+    Raises
+    ------
+    ValueError
+        ``fidelity`` or an element unknown to ``base``.
+    """
+    stress = any(s.stress is not None for s in structures)
+    out = []
+    for chunk, batch, pred in predict_batches(base, structures, fidelity, batch_size, stress=stress):
+        forces = torch.split(pred[K.FORCES].double().cpu(), batch[K.N_ATOMS].tolist())
+        for i, (s, f) in enumerate(zip(chunk, forces, strict=True)):
+            out.append(replace(
+                s, energy=s.energy - float(pred[K.ENERGY][i]),
+                forces=None if s.forces is None else s.forces - f.numpy(),
+                stress=None if s.stress is None else s.stress - pred[K.STRESS][i].double().cpu().numpy(),
+            ))
+    return out
 
 
 def average_neighbors(graphs: list[dict]) -> float:

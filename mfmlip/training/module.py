@@ -19,7 +19,7 @@ class MFLightningModule(L.LightningModule):
     ----------
     model_hparams : keyword arguments of :class:`MFPotential` (e0 included).
     loss_weights : (n_fidelities, 3) energy/forces/stress weights.
-    optim : dict with lr, min_lr_ratio, optimizer, weight_decay, max_epochs, loss,
+    optim : dict with lr, min_lr_ratio, optimizer, weight_decay, max_epochs, max_steps, loss,
         huber_delta, nonfinite_loss ("stop" or "skip").
     dtype : "float32" or "float64".
     """
@@ -43,29 +43,50 @@ class MFLightningModule(L.LightningModule):
         return pred, loss, parts
 
     def training_step(self, batch, batch_idx):
+        self._batch_names = self._names(batch)
         _, loss, parts = self._step(batch)
         if not torch.isfinite(loss):
-            return self._nonfinite(loss, batch)
+            return self._nonfinite(f"loss is {loss.item()}")
         n = batch["n_atoms"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=n)
         for k, v in parts.items():
             self.log(f"train_{k}", v, batch_size=n)
         return loss
 
-    def _nonfinite(self, loss, batch):
-        """Stop with the batch's structures named, or skip the batch and count it."""
-        names = [
+    def _names(self, batch) -> list[str]:
+        return [
             self.train_sources[i] if i < len(self.train_sources) else f"structure #{i}"
             for i in batch[K.STRUCTURE_INDEX].tolist()
         ]
+
+    def _nonfinite(self, problem: str):
+        """Stop with the batch's structures named, or skip the batch and count it."""
         if self.optim.get("nonfinite_loss") == "skip":
             self.skipped_batches += 1
-            self.log("skipped_batches", float(self.skipped_batches))
             return None  # Lightning skips the optimiser step
         raise FloatingPointError(
-            f"loss is {loss.item()} in a batch of {names}; lower training.lr, or set "
+            f"{problem} in a batch of {getattr(self, '_batch_names', [])}; lower training.lr, or set "
             "training.nonfinite_loss: skip to skip such batches"
         )
+
+    def on_before_optimizer_step(self, optimizer):
+        """A finite loss can still have NaN/inf gradients: stop or skip as for a
+        non-finite loss, before they reach the weights (gradient clipping would
+        spread them to every weight)."""
+        bad = [n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            self._nonfinite(f"gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is not finite")
+            optimizer.zero_grad(set_to_none=True)  # skipped: the optimiser leaves the weights alone
+
+    def on_train_epoch_end(self):
+        # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
+        self.log("skipped_batches", float(self.skipped_batches), on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint):
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def on_validation_epoch_start(self):
         self._val_metrics = MetricAccumulator(self.model.fidelities)
@@ -85,7 +106,8 @@ class MFLightningModule(L.LightningModule):
         o = self.optim
         cls = torch.optim.AdamW if o["optimizer"] == "adamw" else torch.optim.Adam
         opt = cls(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        steps = o.get("max_steps")
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=o["max_epochs"], eta_min=o["lr"] * o["min_lr_ratio"]
+            opt, T_max=steps or o["max_epochs"], eta_min=o["lr"] * o["min_lr_ratio"]
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step" if steps else "epoch"}}

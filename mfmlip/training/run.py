@@ -17,17 +17,21 @@ from lightning.pytorch.loggers import CSVLogger
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
 from mfmlip.data.e0 import build_e0_table, e0_as_dict
+from mfmlip.data.structures import read_structures
+from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
 from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
 from mfmlip.training.checkpoint import AtomicCheckpointIO
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
-from mfmlip.training.data import average_neighbors, make_loader, prepare_data, training_statistics
+from mfmlip.training.data import (
+    average_neighbors, make_loader, prepare_data, subtract_base, training_statistics,
+)
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
 
 MODEL_FILE = "model.pt"
-OPTIM_KEYS = {"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "loss", "huber_delta", "nonfinite_loss"}
+OPTIM_KEYS = {"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "max_steps", "loss", "huber_delta", "nonfinite_loss"}
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 
 
@@ -97,8 +101,11 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
     ]
     if t.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    every = {"check_val_every_n_epoch": None, "val_check_interval": t.val_interval_steps} if t.val_interval_steps else {}
     return L.Trainer(
         max_epochs=t.max_epochs,
+        max_steps=t.max_steps or -1,
+        **every,
         max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
         accelerator=t.device if t.device != "auto" else "auto",
         devices=1,
@@ -115,8 +122,14 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
     )
 
 
-def train(config: str | Path | Config, data_root: str | Path | None = None, resume: bool = False) -> Path:
+def train(
+    config: str | Path | Config, data_root: str | Path | None = None, resume: bool = False,
+    reader=read_structures,
+) -> Path:
     """Train the model a config describes; return the path of the model file.
+
+    ``reader`` replaces :func:`mfmlip.data.read_structures` (a study passes a
+    cached one so its runs parse each file once).
 
     Writes into ``output_dir``: ``model.pt`` (best validation weights),
     ``checkpoints/{best,last}.ckpt``, ``logs/version_N/metrics.csv`` (one per
@@ -133,8 +146,9 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    data = prepare_data(cfg, resolve_data_root(cfg, data_root))
+    data = prepare_data(cfg, resolve_data_root(cfg, data_root), reader)
     print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
+    base = _delta_base(cfg, data)
     stats = training_statistics(data, cfg)
     hparams, initial = _initial_model(cfg, data, stats)
     data.fidelities = hparams["fidelities"]  # graphs index the model's fidelity list
@@ -156,10 +170,12 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
 
     best = out / "checkpoints" / "best.ckpt"
-    model = module.model
     if best.is_file():
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
+    model = module.model
+    if base is not None:
+        model = DeltaPotential(base[0].to(model.dtype), base[1], model)
     meta = {
         "e0": e0_as_dict(model.e0_table(), model.species, model.fidelities),
         "config": cfg.model_dump(mode="json"),
@@ -174,6 +190,31 @@ def train(config: str | Path | Config, data_root: str | Path | None = None, resu
         _test_report(model, data, cfg, out)
     print(f"total time {time.time() - started:.0f} s", flush=True)
     return model_path
+
+
+def _delta_base(cfg: Config, data) -> tuple | None:
+    """With ``training.delta_from``: the base model and fidelity, after replacing
+    the training and validation labels by their residuals (the test split keeps
+    its labels: the saved model is the sum).
+
+    Raises
+    ------
+    ConfigError
+        ``delta_from`` combined with ``init_from``, or an unknown ``delta_fidelity``.
+    """
+    t = cfg.training
+    if not t.delta_from:
+        return None
+    if t.init_from:
+        raise ConfigError("training.delta_from and training.init_from exclude each other")
+    base = load_model(t.delta_from, dtype=torch.float64)
+    fidelity = t.delta_fidelity or base.fidelities[0]
+    if fidelity not in base.fidelities:
+        raise ConfigError(f"training.delta_fidelity {fidelity!r}: {t.delta_from} has {base.fidelities}")
+    for split in ("train", "val"):
+        data.splits[split] = subtract_base(data.splits[split], base, fidelity, t.eval_batch_size)
+    print(f"delta-learning: labels minus {t.delta_from} at {fidelity}", flush=True)
+    return base, fidelity
 
 
 def _checkpoint_to_resume(out: Path, resume: bool) -> str | None:

@@ -1,0 +1,193 @@
+"""From a study config to its runs: the held-out test set, the high-level
+pool, nested subsets per seed, and one ordinary training config per run.
+
+Every run is a plain ``mfmlip train`` config (``<run>/config.yaml``) whose data
+files select frames through split files, so any cell can be re-run by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from mfmlip.data.structures import Structure, read_structures
+from mfmlip.study.config import DELTA, SINGLE, TRANSFER, StudyConfig
+from mfmlip.training.config import Config, ConfigError, FileConfig, SplitConfig
+from mfmlip.training.data import read_entry
+
+LOW = "low"  # the low-level model that transfer starts from and delta corrects
+MAX_EPOCHS = 1_000_000  # runs stop on training.max_steps
+
+
+@dataclass
+class Run:
+    """One training run of the grid.
+
+    ``method`` is a grid method or ``"low"``; ``n_high`` counts the high-level
+    structures the run sees (training plus validation); ``needs`` names the
+    run whose model it starts from.
+    """
+
+    name: str
+    method: str
+    fraction: float | None
+    seed: int
+    n_high: int
+    config: Config
+    needs: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass
+class Plan:
+    runs: list[Run]
+    high_fidelity: str
+    n_test: int
+    n_pool: int
+    report: list[str]
+
+
+class CachedReader:
+    """:func:`read_structures` that parses each file once and keeps the result."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def __call__(self, path, index=":", **kwargs) -> list[Structure]:
+        key = (str(Path(path).resolve()), index, tuple(sorted(kwargs.items())))
+        if key not in self.cache:
+            self.cache[key] = read_structures(path, index, **kwargs)
+        return self.cache[key]
+
+
+def fingerprint(s: Structure) -> bytes:
+    """Identity of a geometry across files: elements and positions rounded to 1e-4 Angstrom."""
+    return s.atomic_numbers.astype(np.int64).tobytes() + (np.round(s.positions, 4) + 0.0).tobytes()
+
+
+def _count(spec: float | int, n: int) -> int:
+    return int(spec) if isinstance(spec, int) else max(1, round(spec * n))
+
+
+def _write_split(path: Path, **parts) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: [int(i) for i in v] for k, v in parts.items()}))
+    return str(path.resolve())
+
+
+def _entry(fc: FileConfig, split_file: str) -> FileConfig:
+    return fc.model_copy(update={"split": SplitConfig(file=split_file)})
+
+
+def _only_fidelity(structures: list[Structure], where: str) -> str:
+    names = sorted({s.fidelity for s in structures})
+    if len(names) != 1:
+        raise ConfigError(f"{where}: expected one fidelity, found {names or 'no frames'}")
+    return names[0]
+
+
+def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
+    """Draw the test set and pool, write the split files, and build every run.
+
+    The test set (``data.test``) is drawn first with ``data.split_seed``;
+    low-level frames with the same geometry as a test structure are removed
+    too, so no test structure enters any training set. For each seed, the
+    runs at growing fractions use nested subsets of the pool.
+
+    Raises
+    ------
+    ConfigError, DataError
+        Missing files, several fidelities in the high file, or an empty pool.
+    """
+    out = cfg.results_dir().resolve()
+    d = cfg.data
+    _, high, _ = read_entry(d.high, d, root, reader)
+    high_fidelity = _only_fidelity(high, f"data.high ({d.high.path})")
+    rng = np.random.default_rng(d.split_seed)
+    order = rng.permutation(len(high))
+    n_test = _count(d.test, len(high))
+    test = [high[i] for i in order[:n_test]]
+    pool = np.array([high[i].frame for i in order[n_test:]][: d.pool])
+    if len(pool) < 2:
+        raise ConfigError(f"data.high ({d.high.path}): {len(pool)} structures left for training after the test set")
+    held_out = {fingerprint(s) for s in test}
+    report = [f"high level {high_fidelity}: {len(high)} frames, test {n_test}, training pool {len(pool)}"]
+
+    low_entries, low_fidelities = [], []
+    for k, fc in enumerate(d.low):
+        _, kept, _ = read_entry(fc, d, root, reader)
+        low_fidelities.append(_only_fidelity(kept, f"data.low[{k}] ({fc.path})"))
+        usable = rng.permutation([s.frame for s in kept if fingerprint(s) not in held_out])[: d.low_max]
+        n_val = _count(d.low_val, len(usable))
+        split = _write_split(out / "splits" / f"low_{k}.yaml", train=usable[n_val:], val=usable[:n_val])
+        low_entries.append(_entry(fc, split))
+        report.append(
+            f"low level {low_fidelities[-1]}: {len(kept)} frames, {len(kept) - len(usable)} unused "
+            f"({sum(fingerprint(s) in held_out for s in kept)} share a test geometry), train {len(usable) - n_val}, val {n_val}"
+        )
+    base_fidelity = cfg.options.base_fidelity or low_fidelities[0]
+    if base_fidelity not in low_fidelities:
+        raise ConfigError(f"options.base_fidelity {base_fidelity!r}: the low levels are {low_fidelities}")
+
+    runs = []
+    steps = cfg.training.max_steps
+    for seed in cfg.grid.seeds:
+        low_name = f"{LOW}/seed{seed}"
+        if {TRANSFER, DELTA} & set(cfg.grid.methods):
+            runs.append(Run(low_name, LOW, None, seed, 0, _config(
+                cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, steps // 2, root)))
+        order = np.random.default_rng(seed).permutation(pool)
+        for fraction in cfg.grid.fractions:
+            n = max(2, round(fraction * len(pool)))
+            n_val = _count(d.val_fraction, n)
+            split = _write_split(
+                out / "splits" / f"high_f{fraction:g}_seed{seed}.yaml",
+                train=order[n_val:n], val=order[:n_val], test=[s.frame for s in test],
+            )
+            high_entry = _entry(d.high, split)
+            for method in cfg.grid.methods:
+                name = f"{method}/f{fraction:g}_seed{seed}"
+                folder = out / "runs" / name
+                run = _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root,
+                                  base_fidelity, low_name)
+                runs.append(Run(name, method, fraction, seed, n, run, low_name if run.training.init_from
+                                or run.training.delta_from else None))
+    return Plan(runs, high_fidelity, n_test, len(pool), report)
+
+
+def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root, base_fidelity, low_name):
+    low_model = str(cfg.results_dir().resolve() / "runs" / low_name / "model.pt")
+    if method == SINGLE:
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps, root)
+    if method == TRANSFER:
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root,
+                       init_from=low_model, new_fidelity_like=base_fidelity, freeze=cfg.options.transfer_freeze)
+    if method == DELTA:
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root,
+                       delta_from=low_model, delta_fidelity=base_fidelity)
+    return _config(cfg, folder, [*low_entries, high_entry], method, seed, steps, root)
+
+
+def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, steps: int, root: Path,
+            **training) -> Config:
+    t = cfg.training
+    run = Config(
+        seed=seed,
+        output_dir=str(folder),
+        data={"root": str(Path(root).resolve()), "fidelity_key": cfg.data.fidelity_key,
+              "allow_missing_labels": cfg.data.allow_missing_labels, "files": files},
+        model=cfg.model.model_copy(update={"fidelity_scheme": scheme}),
+        training=t.model_copy(update={
+            "max_steps": max(1, steps), "max_epochs": MAX_EPOCHS,
+            "val_interval_steps": t.val_interval_steps or max(1, steps // 20), **training,
+        }),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
+    return Config.model_validate(run.model_dump())
