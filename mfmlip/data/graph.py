@@ -14,11 +14,17 @@ import vesin
 from mfmlip import keys as K
 from mfmlip.data.structures import DataError, Structure
 
+MIN_DISTANCE = 0.1  # Angstrom: closer atoms are refused (input error, never a NaN deep in the model)
+
 
 def neighbor_list(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Full neighbour list within ``cutoff`` (Angstrom) for any cell shape.
+
+    Cells smaller than the cutoff are fine (several images of an atom are
+    neighbours). Lattice vectors along non-periodic directions are ignored, so
+    a slab or wire may have zero vectors there (zero cell volume).
 
     Returns
     -------
@@ -28,14 +34,21 @@ def neighbor_list(
     Raises
     ------
     DataError
-        A periodic direction has a singular cell.
+        The lattice vectors of the periodic directions are zero or linearly
+        dependent (a periodic cell of zero volume).
     """
     pbc = np.asarray(pbc, dtype=bool)
     box = np.asarray(cell, dtype=np.float64)
     if not pbc.any():
         box = np.zeros((3, 3))
-    elif abs(np.linalg.det(box)) < 1e-8:
-        raise DataError("periodic structure has a cell of zero volume")
+    else:
+        periodic = box[pbc]
+        if np.linalg.svd(periodic, compute_uv=False).min() < 1e-6:
+            axes = "".join("abc"[k] for k in np.flatnonzero(pbc))
+            raise DataError(
+                f"periodic cell of zero volume: the lattice vectors of the periodic directions ({axes}) "
+                f"are zero or linearly dependent: {periodic.tolist()}"
+            )
     nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, shifts = nl.compute(
         points=np.asarray(positions, dtype=np.float64),
@@ -47,16 +60,49 @@ def neighbor_list(
     return edge_index, shifts.astype(np.int64)
 
 
-def structure_to_graph(structure: Structure, cutoff: float, fidelity_index: int) -> dict:
+def check_min_distance(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, edge_index: np.ndarray, shifts: np.ndarray,
+    min_distance: float, source: str,
+) -> None:
+    """Raise if two atoms of the edge list (or an atom and its periodic image)
+    are closer than ``min_distance`` (Angstrom)."""
+    if min_distance <= 0 or edge_index.shape[1] == 0:
+        return
+    box = np.asarray(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
+    i, j = edge_index
+    d = np.linalg.norm(positions[j] - positions[i] + shifts @ box, axis=1)
+    k = int(np.argmin(d))
+    if d[k] < min_distance:
+        pair = f"atom {i[k]} and its periodic image" if i[k] == j[k] else f"atoms {i[k]} and {j[k]}"
+        raise DataError(
+            f"{source}, field 'positions': {pair} closer than min_distance={min_distance:g} A "
+            f"(closest {d[k]:.3f} A); overlapping atoms are unphysical and the model cannot be trusted there"
+        )
+
+
+def structure_to_graph(
+    structure: Structure, cutoff: float, fidelity_index: int, min_distance: float = MIN_DISTANCE
+) -> dict:
     """Build the graph of one structure, labels and masks included.
 
     ``fidelity_index`` is the position of ``structure.fidelity`` in the model's
-    fidelity names. Missing labels are zero-filled with a False mask.
+    fidelity names. Missing labels are zero-filled with a False mask. An atom
+    with no neighbour within the cutoff simply has no edges.
+
+    Raises
+    ------
+    DataError
+        A periodic cell of zero volume (field 'cell'), or two atoms closer
+        than ``min_distance`` Angstrom (field 'positions'; 0 turns the check off).
     """
+    geometry = structure.positions, structure.cell, structure.pbc
     try:
-        edge_index, shifts = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+        edge_index, shifts = neighbor_list(*geometry, cutoff)
     except DataError as err:
         raise DataError(f"{structure.source}, field 'cell': {err}") from None
+    # pairs beyond the cutoff are not in the edge list
+    close = neighbor_list(*geometry, min_distance) if min_distance > cutoff else (edge_index, shifts)
+    check_min_distance(*geometry, *close, min_distance, structure.source)
     n = structure.n_atoms
     has_e = bool(np.isfinite(structure.energy))
     return {
@@ -104,13 +150,14 @@ def to_device(batch: dict, device, dtype: torch.dtype) -> dict:
     }
 
 
-def atoms_to_batch(atoms, cutoff: float, fidelity_index: int = 0) -> dict:
+def atoms_to_batch(atoms, cutoff: float, fidelity_index: int = 0, min_distance: float = MIN_DISTANCE) -> dict:
     """One ``ase.Atoms`` as a one-graph batch (labels ignored), for prediction.
 
     Raises
     ------
     DataError
-        Non-finite positions or cell, or a periodic cell of zero volume.
+        Non-finite positions or cell, a periodic cell of zero volume, or two
+        atoms closer than ``min_distance`` Angstrom (0 turns the check off).
     """
     s = Structure(
         positions=np.asarray(atoms.positions, dtype=np.float64),
@@ -123,4 +170,4 @@ def atoms_to_batch(atoms, cutoff: float, fidelity_index: int = 0) -> dict:
     for name in ("positions", "cell"):
         if not np.all(np.isfinite(getattr(s, name))):
             raise DataError(f"{s.source}, field '{name}': contains NaN or inf")
-    return collate([structure_to_graph(s, cutoff, fidelity_index)])
+    return collate([structure_to_graph(s, cutoff, fidelity_index, min_distance)])

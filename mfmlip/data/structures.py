@@ -14,7 +14,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from ase import Atoms
-from ase.io.formats import string2index
+from ase.io.formats import filetype, open_with_compression, string2index
 from ase.stress import voigt_6_to_full_3x3_stress
 
 
@@ -68,10 +68,11 @@ def _raw_label(atoms: Atoms, key: str):
     return None
 
 
-def _checked(value, shape, where: str, allow_missing: bool, voigt: bool = False):
+def _checked(value, shape, where: str, allow_missing: bool, voigt: bool = False, per_atom: bool = False):
     """Return ``value`` as a float array of ``shape``, or None when missing.
 
     With ``voigt``, a 6-vector is read as Voigt stress (xx, yy, zz, yz, xz, xy).
+    ``per_atom`` (forces) only words the error message.
     """
     if value is None:
         return None
@@ -88,10 +89,21 @@ def _checked(value, shape, where: str, allow_missing: bool, voigt: bool = False)
     if not np.all(np.isfinite(arr)):
         if not allow_missing:
             raise DataError(
-                f"{where}: contains NaN or inf (set allow_missing_labels: true to mask it)"
+                f"{where}: contains NaN or inf{_first_bad(arr, per_atom)} "
+                "(set allow_missing_labels: true to mask it)"
             )
         return None
     return arr
+
+
+def _first_bad(arr: np.ndarray, per_atom: bool = False) -> str:
+    """`` (first at atom 1, component y: nan)`` for the first non-finite entry."""
+    if arr.ndim == 0:
+        return f" ({float(arr)})"
+    where = tuple(int(k) for k in np.argwhere(~np.isfinite(arr))[0])
+    if per_atom:
+        return f" (first at atom {where[0]}, component {'xyz'[where[1]]}: {float(arr[where])})"
+    return f" (first at index {where}: {float(arr[where])})"
 
 
 def structure_from_atoms(
@@ -127,7 +139,7 @@ def structure_from_atoms(
         )
     positions = atoms.get_positions()
     if not np.all(np.isfinite(positions)):
-        raise DataError(f"{source}, field 'positions': contains NaN or inf")
+        raise DataError(f"{source}, field 'positions': contains NaN or inf{_first_bad(positions, True)}")
     cell = np.asarray(atoms.get_cell())
     if not np.all(np.isfinite(cell)):
         raise DataError(f"{source}, field 'cell': contains NaN or inf")
@@ -135,7 +147,8 @@ def structure_from_atoms(
         _raw_label(atoms, energy_key), (), f"{source}, field '{energy_key}'", allow_missing_labels
     )
     forces = _checked(
-        _raw_label(atoms, forces_key), (n, 3), f"{source}, field '{forces_key}'", allow_missing_labels
+        _raw_label(atoms, forces_key), (n, 3), f"{source}, field '{forces_key}'", allow_missing_labels,
+        per_atom=True,
     )
     stress = _checked(
         _raw_label(atoms, stress_key), (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels,
@@ -174,6 +187,87 @@ def _read_frames(path: Path, index: str) -> tuple[list[Atoms], range]:
     return [every[k] for k in numbers], numbers
 
 
+XYZ_FORMATS = ("xyz", "extxyz")
+
+
+def _file_format(path: Path) -> str | None:
+    try:
+        return filetype(str(path))
+    except Exception:  # unknown or unreadable: ASE's own error is reported later
+        return None
+
+
+def _frames_needed(index: str) -> int | None:
+    """How many frames from the start of the file an index needs (None: all)."""
+    sel = string2index(index)
+    if isinstance(sel, int):
+        return sel + 1 if sel >= 0 else None
+    if (sel.step or 1) > 0 and (sel.start or 0) >= 0 and sel.stop is not None and sel.stop >= 0:
+        return sel.stop
+    return None
+
+
+def _xyz_layout(path: Path, needed: int | None = None) -> tuple[list[tuple[int, int]], str | None]:
+    """Scan an (ext)xyz file as ASE does: the first and last line (1-based) of
+    each of its first ``needed`` frames (all when None), and a description of
+    the first structural problem among them, if any.
+
+    Problems found: a header that is not an atom count, a frame that ends
+    before its atoms do, and text after a blank line (ASE stops reading at a
+    blank line and would silently ignore the rest of the file).
+    """
+    with open_with_compression(str(path), "r") as fh:
+        lines = fh.read().splitlines()
+    frames: list[tuple[int, int]] = []
+    n = 0
+    while n < len(lines) and (needed is None or len(frames) < needed):
+        header = lines[n].strip()
+        where = f"frame {len(frames)} (line {n + 1})"
+        if not header:
+            rest = next((m for m in range(n, len(lines)) if lines[m].strip()), None)
+            if rest is None:
+                break
+            return frames, (
+                f"{where}: blank line where a frame should start, but the file goes on at line "
+                f"{rest + 1}; ASE would stop reading here and silently ignore the rest"
+            )
+        try:
+            natoms = int(header)
+        except ValueError:
+            return frames, f"{where}: expected the number of atoms of a frame, got {header[:60]!r}"
+        if natoms < 0:
+            return frames, f"{where}: negative number of atoms {natoms}"
+        body = lines[n + 2 : n + 2 + natoms]
+        blank = next((k for k, line in enumerate(body) if not line.strip()), None)
+        if n + 1 >= len(lines) or len(body) < natoms or blank is not None:
+            got = len(body) if blank is None else blank
+            end = "the end of the file" if blank is None else f"a blank line (line {n + 3 + blank})"
+            return frames, f"{where} is truncated: {got} of its {natoms} atom lines before {end}"
+        last = n + 1 + natoms  # 0-based index of the last atom line
+        while last + 1 < len(lines) and lines[last + 1].lstrip().startswith("VEC"):
+            last += 1
+        frames.append((n + 1, last + 1))
+        n = last + 1
+    return frames, None
+
+
+def _locate_read_error(path: Path, index: str, err: Exception, layout) -> str:
+    """Which frame ASE failed on: read the selection again one frame at a time."""
+    sel = string2index(index)
+    if isinstance(sel, int) or (sel.step or 1) < 0 or (sel.start or 0) < 0:
+        sel = slice(None)  # count from the start of the file
+    start, step = sel.start or 0, sel.step or 1
+    done = 0
+    try:
+        for _ in ase.io.iread(path, index=sel):
+            done += 1
+    except Exception:
+        frame = start + done * step
+        lines = f" (lines {layout[frame][0]}-{layout[frame][1]})" if layout and frame < len(layout) else ""
+        return f"frame {frame}{lines}: {type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
 def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Structure]:
     """Read every frame of an ASE-readable file (extended XYZ first-class).
 
@@ -192,17 +286,26 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
     Raises
     ------
     DataError
-        The file is missing, unreadable or empty, or a frame is bad.
+        The file is missing, empty or unreadable (the message names the frame
+        and, for (ext)xyz, the line), or a frame is bad.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes): no structures to read")
+    layout = None
+    if _file_format(path) in XYZ_FORMATS:
+        layout, problem = _xyz_layout(path, _frames_needed(index))
+        if problem:
+            raise DataError(f"{path}: cannot be read: {problem}")
     try:
         frames, numbers = _read_frames(path, index)
     except Exception as err:  # ASE raises many types for malformed files
-        raise DataError(f"{path}: cannot be read by ASE: {type(err).__name__}: {err}") from None
+        where = _locate_read_error(path, index, err, layout)
+        raise DataError(f"{path}: cannot be read by ASE: {where}") from None
     if not frames:
-        raise DataError(f"{path}: contains no structures")
+        raise DataError(f"{path}: contains no structures" + (f" at index {index!r}" if index != ":" else ""))
     return [
         structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
         for k, atoms in zip(numbers, frames)
