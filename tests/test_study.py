@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -145,3 +146,29 @@ def test_killed_study_resumes_and_skips_finished_runs(tmp_path, data_dir):
     assert f"{len(finished)} runs already done; {4 - len(finished)} to run" in out.stdout
     assert {p: p.stat().st_mtime for p in finished} == finished
     assert {r["status"] for r in rows(tmp_path)} == {"done"}
+
+
+def test_direct_and_narrow_picks_come_from_the_pool_at_the_asked_size(tmp_path, data_dir):
+    path = tiny_study(tmp_path, grid={"selections": ["random", "direct", "narrow"]},
+                      quick={"methods": ["single_fidelity"], "fractions": [0.25], "pool": 40})
+    assert main(["study", str(path), "--quick", "--data-root", str(data_dir)]) == 0
+    table = rows(tmp_path)
+    assert sorted(r["selection"] for r in table) == ["direct", "narrow", "random"]
+    assert {r["status"] for r in table} == {"done"}
+    splits = {s: yaml.safe_load((tmp_path / "study_quick" / "splits" / f"high_{p}f0.25_seed0.yaml").read_text())
+              for s, p in (("random", ""), ("direct", "direct_"), ("narrow", "narrow_"))}
+    random_pick = set(splits["random"]["train"]) | set(splits["random"]["val"])  # n=10 of the 40-structure pool
+    for s in splits.values():
+        picked = s["train"] + s["val"]
+        assert len(picked) == len(set(picked)) == 10 and not set(picked) & set(s["test"])
+    assert set(splits["direct"]["train"] + splits["direct"]["val"]) != random_pick
+    assert "single_fidelity (direct)" in (tmp_path / "study_quick" / "results.md").read_text()
+
+
+def test_narrow_region_holds_the_share_or_n():
+    from mfmlip.study.select import narrow_bounds
+
+    scores = np.arange(100.0)[:, None]
+    assert narrow_bounds(scores, 5, 0.2) == [(None, 19.5)]  # 20 lowest PC1 scores
+    assert narrow_bounds(scores, 50, 0.2) == [(None, 49.5)]  # grows to hold n
+    assert narrow_bounds(scores, 100, 0.2)[0][1] == np.inf

@@ -24,6 +24,7 @@ SINGLE, TRANSFER, DELTA = "single_fidelity", "transfer", "delta"
 METHODS = (*sorted(SCHEMES), SINGLE, TRANSFER, DELTA)
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Fraction = confloat(gt=0.0, le=1.0)
+Selection = Literal["random", "direct", "narrow"]
 
 
 class StudyData(_Strict):
@@ -49,6 +50,7 @@ class Grid(_Strict):
     methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
     fractions: list[Fraction] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 0.8], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    selections: list[Selection] = Field(default_factory=lambda: ["random"], min_length=1)
 
 
 class MethodOptions(_Strict):
@@ -60,11 +62,17 @@ class MethodOptions(_Strict):
     fidelity and ``delta`` corrects; default the first ``data.low`` file's.
     ``transfer_freeze``: modules kept fixed while fine-tuning (Ko & Ong 2025
     froze the element embedding).
+    ``narrow_share``: ``narrow`` selection picks at random among the pool
+    structures of lowest PC1 score, a region holding this share of the pool
+    (or the n structures asked for, if more).
+    ``direct``: options of :func:`mfmlip.sampling.direct_select` (k, pick, ...).
     """
 
     low_scheme: str = "one_hot_linear"
     base_fidelity: Optional[str] = None
     transfer_freeze: list[str] = ["embedding"]
+    narrow_share: Fraction = 0.2
+    direct: dict = {}
 
 
 class Quick(_Strict):
@@ -73,6 +81,7 @@ class Quick(_Strict):
     methods: Optional[list[Method]] = None
     fractions: Optional[list[Fraction]] = None
     seeds: Optional[list[int]] = None
+    selections: Optional[list[Selection]] = None
     test: Optional[Union[PositiveInt, Fraction]] = None
     pool: Optional[PositiveInt] = None
     low_max: Optional[PositiveInt] = None
@@ -107,7 +116,7 @@ class StudyConfig(_Strict):
     def reduced(self) -> StudyConfig:
         """The ``--quick`` variant, written to ``<output_dir>_quick``."""
         q = self.quick
-        grid = {k: getattr(q, k) or getattr(self.grid, k) for k in ("methods", "fractions", "seeds")}
+        grid = {k: getattr(q, k) or getattr(self.grid, k) for k in ("methods", "fractions", "seeds", "selections")}
         data = {k: getattr(q, k) or getattr(self.data, k) for k in ("test", "pool", "low_max")}
         training = {"max_steps": q.max_steps or self.training.max_steps}
         out = self.model_copy(update={

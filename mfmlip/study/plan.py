@@ -28,7 +28,9 @@ class Run:
 
     ``method`` is a grid method or ``"low"``; ``n_high`` counts the high-level
     structures the run sees (training plus validation); ``needs`` names the
-    run whose model it starts from.
+    run whose model it starts from (or encodes with); ``choose`` describes a
+    DIRECT or narrow pick of the high-level subset, made when the run starts
+    (:func:`mfmlip.study.select.choose_high`).
     """
 
     name: str
@@ -38,6 +40,8 @@ class Run:
     n_high: int
     config: Config
     needs: str | None = None
+    selection: str = "random"
+    choose: dict | None = None
 
     @property
     def folder(self) -> Path:
@@ -139,26 +143,44 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     steps = cfg.training.max_steps
     for seed in cfg.grid.seeds:
         low_name = f"{LOW}/seed{seed}"
-        if {TRANSFER, DELTA} & set(cfg.grid.methods):
+        if {TRANSFER, DELTA} & set(cfg.grid.methods) or set(cfg.grid.selections) - {"random"}:
             runs.append(Run(low_name, LOW, None, seed, 0, _config(
                 cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, steps // 2, root)))
         order = np.random.default_rng(seed).permutation(pool)
-        for fraction in cfg.grid.fractions:
-            n = max(2, round(fraction * len(pool)))
-            n_val = _count(d.val_fraction, n)
-            split = _write_split(
-                out / "splits" / f"high_f{fraction:g}_seed{seed}.yaml",
-                train=order[n_val:n], val=order[:n_val], test=[s.frame for s in test],
-            )
-            high_entry = _entry(d.high, split)
-            for method in cfg.grid.methods:
-                name = f"{method}/f{fraction:g}_seed{seed}"
-                folder = out / "runs" / name
-                run = _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root,
-                                  base_fidelity, low_name)
-                runs.append(Run(name, method, fraction, seed, n, run, low_name if run.training.init_from
-                                or run.training.delta_from else None))
+        for selection in cfg.grid.selections:
+            for fraction in cfg.grid.fractions:
+                runs += _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries, root,
+                                       base_fidelity, low_name)
     return Plan(runs, high_fidelity, n_test, len(pool), report)
+
+
+def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries, root, base_fidelity, low_name):
+    """The runs of every method at one fraction and seed. Random picks are
+    nested across fractions; DIRECT and narrow picks are made when the run
+    starts, with the seed's low-level model as encoder."""
+    d = cfg.data
+    n = max(2, round(fraction * len(order)))
+    n_val = _count(d.val_fraction, n)
+    tag = f"f{fraction:g}_seed{seed}" if selection == "random" else f"{selection}_f{fraction:g}_seed{seed}"
+    split = out / "splits" / f"high_{tag}.yaml"
+    choose = None
+    if selection == "random":
+        _write_split(split, train=order[n_val:n], val=order[:n_val], test=[s.frame for s in test])
+    else:
+        choose = {"selection": selection, "n": n, "n_val": n_val, "seed": seed, "pool": [int(i) for i in order],
+                  "test": [s.frame for s in test], "split": str(split.resolve()), "fidelity": base_fidelity,
+                  "encoder": str(out / "runs" / low_name / "model.pt"),
+                  "narrow_share": cfg.options.narrow_share, "direct": cfg.options.direct}
+    high_entry = _entry(d.high, str(split.resolve()))
+    runs = []
+    for method in cfg.grid.methods:
+        name = f"{method}/{tag}"
+        config = _method_run(cfg, method, out / "runs" / name, high_entry, low_entries, seed, cfg.training.max_steps,
+                             root, base_fidelity, low_name)
+        starts_from_low = config.training.init_from or config.training.delta_from or choose
+        runs.append(Run(name, method, fraction, seed, n, config, low_name if starts_from_low else None,
+                        selection, choose))
+    return runs
 
 
 def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root, base_fidelity, low_name):

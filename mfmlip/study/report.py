@@ -17,7 +17,7 @@ import numpy as np
 from mfmlip.atomic_io import atomic_write
 from mfmlip.study.config import SINGLE, StudyConfig
 
-COLUMNS = ("method", "fraction", "seed", "n_high", "status", "energy_mae", "energy_rmse", "energy_max",
+COLUMNS = ("method", "selection", "fraction", "seed", "n_high", "status", "energy_mae", "energy_rmse", "energy_max",
            "forces_mae", "forces_rmse", "forces_max", "seconds", "error")
 QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å"}
 CLAIM = (0.1, 0.8)  # Ko & Ong: 10 % high-level data with multi-fidelity vs 80 % single-fidelity
@@ -32,19 +32,24 @@ def result_rows(plan, statuses: dict) -> list[dict]:
         st = statuses.get(run.name) or {"status": "not run"}
         m = st.get("metrics", {})
         rows.append({
-            "method": run.method, "fraction": run.fraction, "seed": run.seed, "n_high": run.n_high,
-            "status": st["status"], **{c: m.get(c, "") for c in COLUMNS[5:11]},
+            "method": run.method, "selection": run.selection, "fraction": run.fraction, "seed": run.seed, "n_high": run.n_high,
+            "status": st["status"], **{c: m.get(c, "") for c in COLUMNS[6:12]},
             "seconds": round(st["seconds"], 1) if "seconds" in st else "", "error": st.get("error", ""),
         })
     return rows
 
 
+def label(row: dict) -> str:
+    """The method, with its selection unless the high-level subset was random."""
+    return row["method"] if row["selection"] == "random" else f"{row['method']} ({row['selection']})"
+
+
 def summarise(rows: list[dict], column: str) -> dict:
-    """``{(method, fraction): (mean, std over seeds, n_high, n_seeds)}`` of finished runs."""
+    """``{(label, fraction): (mean, std over seeds, n_high, n_seeds)}`` of finished runs."""
     groups = defaultdict(list)
     for r in rows:
         if r["status"] == "done" and r[column] != "":
-            groups[(r["method"], r["fraction"])].append((float(r[column]), r["n_high"]))
+            groups[(label(r), r["fraction"])].append((float(r[column]), r["n_high"]))
     return {k: (np.mean([v for v, _ in g]), np.std([v for v, _ in g]), g[0][1], len(g)) for k, g in groups.items()}
 
 
@@ -97,7 +102,7 @@ def claim_check(rows: list[dict]) -> list[str]:
 
 
 def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = list(dict.fromkeys(label(r) for r in rows))
     fractions = sorted({r["fraction"] for r in rows})
     m, t = cfg.model, cfg.training
     lines = [
@@ -109,6 +114,9 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
         f"{cfg.data.val_fraction:g} of them for validation). Mean ± std over seeds {cfg.grid.seeds}.",
         f"- Budget: {t.max_steps} optimiser steps per run, batch {t.batch_size}; transfer and delta spend "
         f"{t.max_steps // 2} on a shared low-level model (one per seed) and {t.max_steps // 2} on the high level.",
+        *([f"- Selections of the high-level subset: {', '.join(cfg.grid.selections)} (random unless named "
+           "in brackets; DIRECT and narrow encode the pool with the seed's low-level model)."]
+          if cfg.grid.selections != ["random"] else []),
         f"- Model: {m.channels} channels, lmax {m.lmax}, {m.num_layers} layers, cutoff {m.cutoff} Å, {m.dtype}.", "",
     ]
     for q, unit in QUANTITIES.items():
@@ -119,7 +127,7 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
               "(energy MAE, meV/atom)", "", *claim_check(rows), ""]
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
-        lines += ["## Runs that did not finish", "", *(f"- {r['method']} f={r['fraction']:g} seed {r['seed']}: "
+        lines += ["## Runs that did not finish", "", *(f"- {label(r)} f={r['fraction']:g} seed {r['seed']}: "
                                                        f"{r['status']}: {r['error']}" for r in failed), ""]
     return "\n".join(lines)
 
@@ -136,7 +144,7 @@ def learning_curve(rows: list[dict], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, q in zip(axes[0], panels):
         stats = summarise(rows, f"{q}_mae")
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method in dict.fromkeys(label(r) for r in rows):
             pts = sorted((n, mean, std) for (meth, _), (mean, std, n, _) in stats.items() if meth == method)
             if pts:
                 n, mean, std = map(np.array, zip(*pts))

@@ -107,6 +107,7 @@ def _line(status: dict, seconds: float, fidelity: str) -> str:
 
 def _child(run: Run, threads: int, reader: CachedReader, high_fidelity: str) -> None:
     """Train one run in a forked process; its output goes to ``<run>/train.log``."""
+    from mfmlip.study.select import choose_high
     from mfmlip.training.run import train
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -117,6 +118,8 @@ def _child(run: Run, threads: int, reader: CachedReader, high_fidelity: str) -> 
     torch.set_num_threads(threads)
     started = time.time()
     try:
+        if run.choose:
+            choose_high(run, reader)
         train(run.config, resume=True, reader=reader)
         test = run.folder / "test_metrics.json"
         metrics = json.loads(test.read_text()).get(high_fidelity, {}) if test.is_file() else {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
@@ -38,7 +41,10 @@ class MFLightningModule(L.LightningModule):
         return to_device(batch, self.device, self.model.dtype)
 
     def _step(self, batch):
-        pred = self.model(batch, compute_forces=self.loss_fn.needs_forces, compute_stress=self.loss_fn.needs_stress)
+        # derivatives only for labels present in this batch (energy-only levels skip them)
+        forces = self.loss_fn.needs_forces and bool(batch[K.FORCES_MASK].any())
+        stress = self.loss_fn.needs_stress and bool(batch[K.STRESS_MASK].any())
+        pred = self.model(batch, compute_forces=forces, compute_stress=stress)
         loss, parts = self.loss_fn(pred, batch)
         return pred, loss, parts
 
@@ -81,6 +87,22 @@ class MFLightningModule(L.LightningModule):
     def on_train_epoch_end(self):
         # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
         self.log("skipped_batches", float(self.skipped_batches), on_epoch=True)
+
+    def on_validation_end(self):
+        """Write ``last.ckpt`` after every validation during a fit.
+
+        Lightning >= 2.5 writes ``last.ckpt`` only together with a new best
+        checkpoint, so a run killed after epochs without improvement would
+        resume from the last improving epoch and redo the others. This runs
+        after the checkpoint callbacks, at the point where they save.
+        """
+        trainer = self.trainer
+        cb = trainer.checkpoint_callback
+        if cb is None or not cb.save_last or cb.dirpath is None:
+            return
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["skipped_batches"] = self.skipped_batches
