@@ -28,6 +28,7 @@ from tiny_runs import tiny_config
 
 from mfmlip.model import load_model
 from mfmlip.simulation.md import load_checkpoint, read_log, run_md
+from mfmlip.training.module import MFLightningModule
 from mfmlip.training.run import read_metrics, train
 
 pytestmark = [
@@ -87,23 +88,35 @@ def _assert_same_run(run, reference):
         torch.testing.assert_close(w, w_ref, rtol=RTOL, atol=1e-9, msg=name)
 
 
+def _is_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and "epoch" in obj and "state_dict" in obj
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run, in this process."""
+    """The uninterrupted run, in this process, and the epoch of every checkpoint it wrote."""
     folder = tmp_path_factory.mktemp("reference")
+    save, writes = torch.save, []
+
+    def counting_save(obj, fh, *args, **kwargs):
+        if _is_checkpoint(obj):
+            writes.append(obj["epoch"])
+        return save(obj, fh, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MFMLIP_DATA", raising=False)
+        mp.setattr(torch, "save", counting_save)
         train(tiny_config(folder, "run", max_epochs=EPOCHS))
-    return folder / "run"
+    return folder / "run", writes
 
 
-def _writes(path):
-    """A token that changes with every atomic replacement of ``path`` (None if absent)."""
+def _epoch_in(last):
+    """Epoch of the checkpoint at ``last`` and a token of its version (None, None if absent)."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
+        st = os.stat(last)
+        return torch.load(last, map_location="cpu", weights_only=False)["epoch"], (st.st_ino, st.st_mtime_ns)
+    except (FileNotFoundError, EOFError, RuntimeError):  # absent, or replaced while being read
+        return None, None
 
 
 @pytest.mark.parametrize("name", list(SIGNALS))
@@ -112,23 +125,24 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_result(n
     config = tiny_config(tmp_path, "run", max_epochs=EPOCHS)
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    # random point: during the epoch after the k-th checkpoint, a random fraction of an epoch in
+    # a random point: a random fraction of an epoch after the checkpoint of epoch k
     rng = random.Random()
-    k, fraction = rng.randint(2, EPOCHS - 4), rng.random()
-    point = f"{name} {fraction:.2f} of an epoch after checkpoint #{k}"
+    k, fraction = rng.randint(1, EPOCHS - 4), rng.random()
+    point = f"{name} {fraction:.2f} of an epoch after the checkpoint of epoch {k}"
     proc = _cli("train", str(config))
     try:
-        seen, times, deadline = None, [], time.monotonic() + 120
-        while len(times) < k and proc.poll() is None and time.monotonic() < deadline:
-            token = _writes(last)
-            if token is not None and token != seen:
-                seen = token
-                times.append(time.monotonic())
+        seen, first_seen, deadline = None, {}, time.monotonic() + 120
+        while k not in first_seen and proc.poll() is None and time.monotonic() < deadline:
+            st = os.stat(last) if os.path.exists(last) else None
+            if st is not None and (st.st_ino, st.st_mtime_ns) != seen:
+                epoch, seen = _epoch_in(last)
+                if epoch is not None:
+                    first_seen.setdefault(epoch, time.monotonic())
             time.sleep(0.002)
-        if len(times) < k:
+        if k not in first_seen:
             proc.kill()
-            pytest.fail(f"{point}: only {len(times)} checkpoints seen; {proc.communicate()[1].decode()}")
-        time.sleep(fraction * (times[1] - times[0]))  # one epoch: the time between two checkpoints
+            pytest.fail(f"{point}: checkpoints seen {sorted(first_seen)}; {proc.communicate()[1].decode()}")
+        time.sleep(fraction * (first_seen[k] - first_seen[k - 1]))  # one epoch: between two checkpoints
         proc.send_signal(sig)
         proc.communicate(timeout=120)
     finally:
@@ -140,7 +154,7 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_result(n
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
     done = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-    assert k - 1 <= done < EPOCHS - 1, point
+    assert k <= done < EPOCHS - 1, point
 
     train(config, resume=True)  # here rather than in a new process: a second import of torch costs seconds
     fits = _fit_epochs(run)
@@ -149,27 +163,26 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_result(n
     # a SIGKILL between the write of an epoch's validation row and the rename of its checkpoint
     # leaves that row in the killed fit's log; the epoch is then redone, with the same numbers
     assert max(fits[0]) in (done, done + 1), point
-    _assert_same_run(run, reference)
+    _assert_same_run(run, reference[0])
 
 
 def test_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, reference):
-    # the process SIGKILLs itself halfway through its n-th torch.save: bytes are in the
-    # temporary file, the rename never happens. Writes: last.ckpt every epoch, best.ckpt
-    # whenever the validation loss improves, then model.pt; n picks one of the checkpoints
-    # after the first epoch's.
-    losses = [v for _, v in sorted(_val_losses(reference).items())]
-    n_best = sum(v < min(losses[:i], default=np.inf) for i, v in enumerate(losses))
-    n = random.Random().randint(3, EPOCHS + n_best - 2)
+    # the process SIGKILLs itself halfway through writing its n-th checkpoint (best.ckpt or
+    # last.ckpt): bytes are in the temporary file, the rename never happens. n is any write
+    # after those of the first epoch.
+    run_ref, writes = reference
+    n = random.Random().randint(writes.count(0) + 1, len(writes))
     prelude = f"""
 import os, signal, torch
 _save, _calls = torch.save, [0]
 def save(obj, fh, *args, **kwargs):
-    _calls[0] += 1
-    if _calls[0] == {n}:
-        fh.write(b"HALF A CHECKPOINT")
-        fh.flush()
-        os.fsync(fh.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+    if isinstance(obj, dict) and "epoch" in obj and "state_dict" in obj:  # a Lightning checkpoint
+        _calls[0] += 1
+        if _calls[0] == {n}:
+            fh.write(b"HALF A CHECKPOINT")
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
     return _save(obj, fh, *args, **kwargs)
 torch.save = save
 """
@@ -177,20 +190,49 @@ torch.save = save
     run = tmp_path / "run"
     proc = _cli("train", str(config), prelude=prelude)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL, f"write {n}: {err.decode()}"
+    point = f"write {n} of {len(writes)} (epoch {writes[n - 1]})"
+    assert proc.returncode == -signal.SIGKILL, f"{point}: {err.decode()}"
     (partial,) = (run / "checkpoints").glob(".*.tmp")  # the write that was cut short
     assert partial.read_bytes() == b"HALF A CHECKPOINT"
     target = run / "checkpoints" / partial.name[1 : partial.name.index(".ckpt.") + 5]  # .last.ckpt.XYZ.tmp
-    assert target.name in ("best.ckpt", "last.ckpt")
+    assert target.name in ("best.ckpt", "last.ckpt"), point
     # the previous version of the file being written is intact, and so is the other one
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert 0 <= last["epoch"] < EPOCHS - 1, f"write {n}"
-    assert best["epoch"] <= last["epoch"] + (target.name == "last.ckpt"), f"write {n}"  # best is written first
+    assert last["epoch"] in (writes[n - 1] - 1, writes[n - 1]), point  # the epoch before, or this one
+    assert best["epoch"] <= writes[n - 1], point
     assert not (run / "model.pt").exists()
 
     train(config, resume=True)
-    _assert_same_run(run, reference)
+    _assert_same_run(run, run_ref)
+
+
+class Killed(Exception):
+    """Stands in for a kill at an epoch boundary, in this process."""
+
+
+def test_epochs_without_improvement_are_not_redone(tmp_path, monkeypatch):
+    # zero loss weights: the validation loss stays 0, so epoch 0 is the only best one
+    config = tiny_config(tmp_path, "run", max_epochs=6, weights={"energy": 0.0, "forces": 0.0})
+    start_epoch = MFLightningModule.on_train_epoch_start
+
+    def kill_at_epoch_4(self):
+        if self.current_epoch == 4:
+            raise Killed
+        start_epoch(self)
+
+    monkeypatch.setattr(MFLightningModule, "on_train_epoch_start", kill_at_epoch_4)
+    with pytest.raises(Killed):
+        train(config)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 3
+    (stopping,) = (v for k, v in last["callbacks"].items() if k.startswith("EarlyStopping"))
+    assert stopping["wait_count"] == 3  # written after early stopping counted epoch 3
+    monkeypatch.undo()
+    train(config, resume=True)
+    assert _fit_epochs(tmp_path / "run") == [{0, 1, 2, 3}, {4, 5}]
 
 
 # --- MD ---------------------------------------------------------------------------

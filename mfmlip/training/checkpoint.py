@@ -1,11 +1,15 @@
-"""Atomic checkpoint writing for Lightning: write a temporary file, then rename."""
+"""Checkpoints for Lightning: atomic writes (temporary file, then rename), never
+of non-finite weights, and ``last.ckpt`` kept current every epoch."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mfmlip.model.serialization import atomic_torch_save
 
@@ -36,3 +40,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             )
             return
         atomic_torch_save(checkpoint, path)
+
+
+class LastCheckpointEveryEpoch(Checkpoint):
+    """Write the ``last`` checkpoint of the trainer's ``ModelCheckpoint`` at the end
+    of every training epoch.
+
+    Lightning >= 2.5 writes ``last.ckpt`` only together with a new best
+    checkpoint, so a run killed after epochs without improvement would resume
+    from the last improving epoch and redo the others. Being a ``Checkpoint``,
+    this runs after early stopping and the ``ModelCheckpoint`` (Lightning orders
+    checkpoint callbacks last), at the point where that one saves when the
+    validation runs once per epoch; the state it writes is the same.
+    """
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        cb = trainer.checkpoint_callback
+        if cb is None or not cb.save_last or cb.dirpath is None:
+            return
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))

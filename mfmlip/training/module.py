@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
 from mfmlip.model.potential import MFPotential
+from mfmlip.training.checkpoint import LastCheckpointEveryEpoch
 from mfmlip.training.loss import MaskedLoss
 
 
@@ -88,21 +86,8 @@ class MFLightningModule(L.LightningModule):
         # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
         self.log("skipped_batches", float(self.skipped_batches), on_epoch=True)
 
-    def on_validation_end(self):
-        """Write ``last.ckpt`` after every validation during a fit.
-
-        Lightning >= 2.5 writes ``last.ckpt`` only together with a new best
-        checkpoint, so a run killed after epochs without improvement would
-        resume from the last improving epoch and redo the others. This runs
-        after the checkpoint callbacks, at the point where they save.
-        """
-        trainer = self.trainer
-        cb = trainer.checkpoint_callback
-        if cb is None or not cb.save_last or cb.dirpath is None:
-            return
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
+    def configure_callbacks(self):
+        return [LastCheckpointEveryEpoch()]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["skipped_batches"] = self.skipped_batches
