@@ -153,6 +153,8 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_result(n
     assert not (run / "model.pt").exists(), f"{point}: the run finished before it was killed"
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
+    else:  # the CLI says how to continue and exits like a terminated process
+        assert proc.returncode == 143, point
     done = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert k <= done < EPOCHS - 1, point
 

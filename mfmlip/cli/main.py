@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, ValueError) as err:
+    except (ConfigError, DataError, OSError, FloatingPointError, ValueError) as err:
         print(f"mfmlip {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,6 @@ from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
 from mfmlip.model.potential import MFPotential
-from mfmlip.training.checkpoint import LastCheckpointEveryEpoch
 from mfmlip.training.loss import MaskedLoss
 
 
@@ -85,9 +84,6 @@ class MFLightningModule(L.LightningModule):
     def on_train_epoch_end(self):
         # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
         self.log("skipped_batches", float(self.skipped_batches), on_epoch=True)
-
-    def configure_callbacks(self):
-        return [LastCheckpointEveryEpoch()]
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["skipped_batches"] = self.skipped_batches

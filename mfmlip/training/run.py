@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
@@ -22,7 +23,7 @@ from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
 from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
-from mfmlip.training.checkpoint import AtomicCheckpointIO
+from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEpoch
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import (
     average_neighbors, make_loader, prepare_data, subtract_base, training_statistics,
@@ -101,6 +102,8 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
     ]
     if t.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    if not t.val_interval_steps:  # with step-wise validation, last.ckpt follows the validations
+        callbacks.append(LastCheckpointEveryEpoch())
     every = {"check_val_every_n_epoch": None, "val_check_interval": t.val_interval_steps} if t.val_interval_steps else {}
     return L.Trainer(
         max_epochs=t.max_epochs,
@@ -142,6 +145,10 @@ def train(
         Invalid config or data.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
+    for key in ("init_from", "delta_from"):
+        given = getattr(cfg.training, key)
+        if given and not Path(given).is_file():
+            raise ConfigError(f"training.{key}: model file {given} not found")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -167,7 +174,11 @@ def train(
     val_loader = make_loader(data.graphs("val", hparams["cutoff"]), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        print(f"stopped by SIGTERM; continue with: mfmlip train {cfg.path or 'CONFIG'} --resume", flush=True)
+        raise SystemExit(143) from None
 
     best = out / "checkpoints" / "best.ckpt"
     if best.is_file():
