@@ -4,6 +4,16 @@ Units: positions and cell in Angstrom, energy in eV, forces in eV/Angstrom,
 stress in eV/Angstrom^3 (ASE sign convention). A missing or non-finite label is
 stored as ``None``/NaN and masked out of the loss; malformed input raises
 :class:`DataError` naming the file, frame and field.
+
+Stress labels are read in one of :data:`STRESS_FORMATS`:
+
+* ``"ase"`` (default): eV/Angstrom^3, ASE's sign (``stress = (1/V) dE/d(strain)``,
+  negative under compression); a 6-vector is ASE Voigt order xx yy zz yz xz xy.
+* ``"vasp_kbar"``: VASP's stress as printed on the OUTCAR ``in kB`` line (and
+  stored by e.g. the mlearn benchmark): kBar, VASP's sign (positive under
+  compression, the opposite of ASE's); a 6-vector is in VASP's order
+  xx yy zz xy yz zx, a 3x3 (vasprun.xml) is taken as is. Converted with
+  :func:`stress_from_vasp_kbar`, the same conversion as ASE's own VASP readers.
 """
 
 from __future__ import annotations
@@ -16,6 +26,12 @@ import numpy as np
 from ase import Atoms
 from ase.io.formats import filetype, open_with_compression, string2index
 from ase.stress import voigt_6_to_full_3x3_stress
+from ase.units import GPa
+
+#: how a stress label is stored in the input; see the module docstring
+STRESS_FORMATS = ("ase", "vasp_kbar")
+#: VASP's order of the six stress components (OUTCAR "in kB" line): xx yy zz xy yz zx
+VASP_STRESS_ORDER = ((0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (2, 0))
 
 
 class DataError(ValueError):
@@ -68,6 +84,37 @@ def _raw_label(atoms: Atoms, key: str):
     return None
 
 
+def stress_from_vasp_kbar(value, where: str = "stress") -> np.ndarray:
+    """VASP stress in kBar, VASP sign -> (3, 3) stress in eV/Angstrom^3, ASE sign.
+
+    ``value`` is 6 numbers in VASP's order xx yy zz xy yz zx (the OUTCAR
+    ``in kB`` line) or a 3x3 matrix (vasprun.xml). The result is
+    ``-0.1 * GPa * value`` as a symmetric 3x3 (1 kBar = 0.1 GPa; VASP reports
+    compression as positive, ASE as negative), as ASE's VASP readers do.
+
+    Raises
+    ------
+    DataError
+        Not numeric, or neither 6 nor 9 numbers; the message starts with ``where``.
+    """
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: not numeric ({err})") from None
+    if arr.size == 6:
+        full = np.empty((3, 3))
+        for (i, j), v in zip(VASP_STRESS_ORDER, arr.ravel()):
+            full[i, j] = full[j, i] = v
+    elif arr.size == 9:
+        full = arr.reshape(3, 3)
+    else:
+        raise DataError(
+            f"{where}: expected VASP stress in kBar as 6 numbers (xx yy zz xy yz zx) or a 3x3 matrix, "
+            f"got shape {arr.shape}"
+        )
+    return -0.1 * GPa * full
+
+
 def _checked(value, shape, where: str, allow_missing: bool, voigt: bool = False, per_atom: bool = False):
     """Return ``value`` as a float array of ``shape``, or None when missing.
 
@@ -114,6 +161,7 @@ def structure_from_atoms(
     energy_key: str = "energy",
     forces_key: str = "forces",
     stress_key: str = "stress",
+    stress_format: str = "ase",
     allow_missing_labels: bool = True,
     source: str = "<memory>",
     frame: int = -1,
@@ -121,13 +169,19 @@ def structure_from_atoms(
     """Convert one ``ase.Atoms`` with labels into a :class:`Structure`.
 
     The fidelity is ``fidelity`` if given, else ``atoms.info[fidelity_key]``.
+    ``stress_format`` (one of :data:`STRESS_FORMATS`) says how the label under
+    ``stress_key`` is stored; it is converted to eV/Angstrom^3, ASE sign.
 
     Raises
     ------
+    ValueError
+        Unknown ``stress_format``.
     DataError
         No fidelity, non-finite positions or cell, a label of the wrong shape,
         or a non-finite label when ``allow_missing_labels`` is False.
     """
+    if stress_format not in STRESS_FORMATS:
+        raise ValueError(f"unknown stress_format {stress_format!r}; choose from {list(STRESS_FORMATS)}")
     n = len(atoms)
     if n == 0:
         raise DataError(f"{source}: structure has no atoms")
@@ -150,9 +204,11 @@ def structure_from_atoms(
         _raw_label(atoms, forces_key), (n, 3), f"{source}, field '{forces_key}'", allow_missing_labels,
         per_atom=True,
     )
+    raw_stress = _raw_label(atoms, stress_key)
+    if stress_format == "vasp_kbar" and raw_stress is not None:
+        raw_stress = stress_from_vasp_kbar(raw_stress, f"{source}, field '{stress_key}'")
     stress = _checked(
-        _raw_label(atoms, stress_key), (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels,
-        voigt=True,
+        raw_stress, (3, 3), f"{source}, field '{stress_key}'", allow_missing_labels, voigt=True,
     )
     return Structure(
         positions=positions,
@@ -277,7 +333,7 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
     index : ASE index string, e.g. ``":"`` or ``"0:100"``.
     **kwargs : passed to :func:`structure_from_atoms` (``fidelity``,
         ``fidelity_key``, ``energy_key``, ``forces_key``, ``stress_key``,
-        ``allow_missing_labels``).
+        ``stress_format``, ``allow_missing_labels``).
 
     Returns
     -------

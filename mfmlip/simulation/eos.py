@@ -130,7 +130,26 @@ def equation_of_state(
         energies.append(scaled.get_potential_energy() / n)
         converged.append(ok)
     result = EOSResult(np.array(volumes), np.array(energies), np.array(converged), {}, n)
+    fit_eos(result, eos)
+    if plot is not None:
+        plot_eos(result, plot)
+    return result
 
+
+def fit_eos(result: EOSResult, eos: tuple[str, ...] | list[str] = DEFAULT_EOS) -> EOSResult:
+    """Fit equations of state to the points of ``result`` and store them in ``result.fits``.
+
+    Returns ``result``. Fits made before a failing one are kept, so the points
+    and any good fit survive a phase whose energy has no minimum in range.
+
+    Raises
+    ------
+    ValueError
+        An unknown EOS name, or a fit that fails or puts V0 outside the sampled volumes.
+    """
+    for name in eos:
+        if name not in ASE_EOS_NAMES:
+            raise ValueError(f"unknown EOS {name!r}; ASE offers {list(ASE_EOS_NAMES)}")
     for name in eos:
         fit = EquationOfState(result.volumes, result.energies, eos=name)
         try:
@@ -144,8 +163,6 @@ def equation_of_state(
                 f"{result.volumes.min():.4g}-{result.volumes.max():.4g}; relax the cell first or widen volume_range"
             )
         result.fits[name] = {"E0": float(e0), "V0": float(v0), "B": float(b / GPa)}
-    if plot is not None:
-        plot_eos(result, plot)
     return result
 
 

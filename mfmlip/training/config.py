@@ -62,6 +62,9 @@ class FileConfig(_Strict):
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"
+    # how the stress label is stored: "ase" (eV/Angstrom^3, ASE sign, Voigt xx yy zz yz xz xy) or
+    # "vasp_kbar" (VASP's kBar, compression positive, order xx yy zz xy yz zx); see mfmlip.data.structures
+    stress_format: Literal["ase", "vasp_kbar"] = "ase"
     split: SplitConfig = SplitConfig()
     filter: FilterConfig = FilterConfig()
 

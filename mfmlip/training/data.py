@@ -66,7 +66,7 @@ def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures):
     structures = reader(
         data_file(root, fc.path), fc.index, fidelity=fc.fidelity, fidelity_key=data_cfg.fidelity_key,
         energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
-        allow_missing_labels=data_cfg.allow_missing_labels,
+        stress_format=fc.stress_format, allow_missing_labels=data_cfg.allow_missing_labels,
     )
     structures = _strip_labels(structures, fc.labels)
     kept, dropped = filter_structures(structures, **fc.filter.model_dump())
