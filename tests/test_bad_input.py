@@ -384,9 +384,11 @@ def test_config_missing_files_are_named(tmp_path):
     with pytest.raises(DataError, match=rf"{at(tmp_path / 'splits.yaml')}.*not found"):
         train(write_config(tmp_path / "c.yaml", cfg))
     cfg = base_config(tmp_path)
-    cfg["training"]["init_from"] = str(tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match=rf"model file {at(tmp_path / 'missing.pt')} not found"):
-        train(write_config(tmp_path / "c.yaml", cfg))
+    for key in ("init_from", "delta_from"):  # named before any data is read
+        cfg["training"][key] = str(tmp_path / "missing.pt")
+        with pytest.raises(ConfigError, match=rf"training.{key}: model file {at(tmp_path / 'missing.pt')} not found"):
+            train(write_config(tmp_path / "c.yaml", cfg))
+        del cfg["training"][key]
 
 
 def test_data_root_that_does_not_exist(tmp_path, capsys):

@@ -323,3 +323,19 @@ def test_atoms_with_pbc_but_no_cell_is_rejected_with_field():
     atoms = Atoms("H2", positions=[[0, 0, 0], [0.7, 0, 0]], pbc=True)
     with pytest.raises(DataError, match="field 'cell'.*zero volume"):
         atoms_to_batch(atoms, 3.0)
+
+
+def test_short_step_budgeted_epochs_repeat_the_data_evenly():
+    from collections import Counter
+
+    from mfmlip.training.data import EpochShuffle, make_loader
+
+    loader = make_loader([{}] * 10, batch_size=4, shuffle=True, min_batches=25)
+    assert len(loader) >= 25  # one epoch spans the validation interval
+    sampler = EpochShuffle(10, seed=3, passes=10)
+    assert set(Counter(sampler).values()) == {10}  # every structure equally often
+    sampler.set_epoch(1)
+    again = EpochShuffle(10, seed=3, passes=10)
+    again.set_epoch(1)
+    assert list(sampler) == list(again)  # depends only on (seed, epoch): resumable
+    assert list(EpochShuffle(10, seed=3))[:10] == list(EpochShuffle(10, seed=3, passes=2))[:10]

@@ -170,30 +170,36 @@ class GraphDataset(torch.utils.data.Dataset):
 
 
 class EpochShuffle(torch.utils.data.Sampler):
-    """Random order that depends only on ``(seed, epoch)``.
+    """Random order that depends only on ``(seed, epoch)``; ``passes`` random
+    passes over the data make one epoch.
 
     Lightning calls ``set_epoch`` at the start of every epoch, so a run resumed
-    from a checkpoint sees the same batches as an uninterrupted one.
+    from a checkpoint sees the same batches as an uninterrupted one. Several
+    passes per epoch keep the per-epoch overhead small when a step-budgeted
+    run has only a few batches of data.
     """
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int = 0, passes: int = 1):
+        self.n, self.seed, self.epoch, self.passes = n, seed, 0, passes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.cat([torch.randperm(self.n, generator=g) for _ in range(self.passes)]).tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n * self.passes
 
 
-def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0):
-    """DataLoader over prebuilt graphs that yields collated batches."""
+def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
+                min_batches: int = 1):
+    """DataLoader over prebuilt graphs that yields collated batches; a shuffled
+    one repeats the data within an epoch until it has ``min_batches`` batches."""
+    passes = max(1, -(-min_batches * batch_size // max(len(graphs), 1)))
     return torch.utils.data.DataLoader(
         GraphDataset(graphs), batch_size=batch_size, collate_fn=collate,
-        sampler=EpochShuffle(len(graphs), seed) if shuffle else None,
+        sampler=EpochShuffle(len(graphs), seed, passes) if shuffle else None,
         num_workers=num_workers, persistent_workers=num_workers > 0,
     )

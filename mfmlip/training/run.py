@@ -170,7 +170,9 @@ def train(
         module.model.load_state_dict(initial.state_dict())
     freeze(module.model, cfg.training.freeze)
     module.train_sources = [s.source for s in data.splits["train"]]
-    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed)
+    # step-budgeted runs with step-wise validation: an epoch spans at least one validation interval
+    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed,
+                               min_batches=t.val_interval_steps or 1)
     val_loader = make_loader(data.graphs("val", hparams["cutoff"]), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
