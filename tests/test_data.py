@@ -339,3 +339,17 @@ def test_short_step_budgeted_epochs_repeat_the_data_evenly():
     again.set_epoch(1)
     assert list(sampler) == list(again)  # depends only on (seed, epoch): resumable
     assert list(EpochShuffle(10, seed=3))[:10] == list(EpochShuffle(10, seed=3, passes=2))[:10]
+
+
+def test_withheld_labels_are_not_trained_on_but_scored_on_test(tmp_path):
+    from tiny_runs import write_water
+
+    from mfmlip.training.config import Config
+    from mfmlip.training.data import prepare_data
+
+    write_water(tmp_path / "water.extxyz", n=12)
+    cfg = Config.model_validate({"data": {"files": [
+        {"path": "water.extxyz", "labels": ["energy"], "split": {"train": 6, "val": 3, "test": 3}}]}})
+    data = prepare_data(cfg, tmp_path)
+    assert all(s.forces is None for k in ("train", "val") for s in data.splits[k])
+    assert all(s.forces is not None and np.isfinite(s.energy) for s in data.splits["test"])

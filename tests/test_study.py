@@ -45,7 +45,7 @@ def rows(tmp_path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("name", ["malonaldehyde", "ethanol", "nacl_water"])
+@pytest.mark.parametrize("name", ["malonaldehyde", "malonaldehyde_direct", "ethanol", "ethanol_energy_only", "nacl_water"])
 def test_shipped_studies_validate_and_name_all_methods(name):
     cfg = load_study(SHIPPED / f"{name}.yaml")
     assert cfg.training.max_steps > 0

@@ -58,7 +58,7 @@ class FileConfig(_Strict):
     path: str
     fidelity: Optional[str] = None
     index: str = ":"
-    labels: list[Literal["energy", "forces", "stress"]] = list(LABEL_NAMES)
+    labels: list[Literal["energy", "forces", "stress"]] = list(LABEL_NAMES)  # trained on; test scores all
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"

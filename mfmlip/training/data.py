@@ -56,7 +56,8 @@ def _split_file(fc: FileConfig, kept: list[Structure], base: Path, seed: int) ->
 
 
 def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures):
-    """Read one ``data.files`` entry with its label selection and filter.
+    """Read one ``data.files`` entry and apply its filter (to all its labels;
+    ``labels`` selects what is trained on, see :func:`prepare_data`).
 
     Returns
     -------
@@ -68,7 +69,6 @@ def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures):
         energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
         stress_format=fc.stress_format, allow_missing_labels=data_cfg.allow_missing_labels,
     )
-    structures = _strip_labels(structures, fc.labels)
     kept, dropped = filter_structures(structures, **fc.filter.model_dump())
     return structures, kept, dropped
 
@@ -91,6 +91,8 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
     for fc in cfg.data.files:
         structures, kept, dropped = read_entry(fc, cfg.data, root, reader)
         parts = _split_file(fc, kept, base, cfg.seed)
+        for k in ("train", "val"):  # the test split is scored on every label the file has
+            parts[k] = _strip_labels(parts[k], fc.labels)
         for k in SPLITS:
             splits[k].extend(parts[k])
         fids = sorted({s.fidelity for s in kept})
