@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Callable, IO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb", **open_kwargs) -> None:
     """Call ``write(fh)`` on a temporary file, then rename it to ``path``.
 
@@ -19,6 +25,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode, **open_kwargs) as fh:
             write(fh)
