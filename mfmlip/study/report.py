@@ -84,11 +84,15 @@ def _table(rows: list[dict], column: str, methods: list[str], fractions: list[fl
     return lines
 
 
-def claim_check(rows: list[dict]) -> list[str]:
-    """Each method at 10 % of the pool against single-fidelity at 80 % (energy
-    MAE); a grid without those fractions compares its smallest and largest."""
+def claim_fractions(rows: list[dict]) -> tuple[float, float]:
+    """10 % and 80 % of the pool (Ko & Ong), else the grid's smallest and largest fractions."""
     fractions = sorted({r["fraction"] for r in rows})
-    low, high = (f if f in fractions else pick(fractions) for f, pick in zip(CLAIM, (min, max)))
+    return tuple(f if f in fractions else pick(fractions) for f, pick in zip(CLAIM, (min, max)))
+
+
+def claim_check(rows: list[dict]) -> list[str]:
+    """Each method at the small fraction against single-fidelity at the large one (energy MAE)."""
+    low, high = claim_fractions(rows)
     stats = summarise(rows, "energy_mae")
     if (SINGLE, high) not in stats:
         return [f"(needs {SINGLE} at fraction {high:g} in the grid)"]
@@ -98,6 +102,22 @@ def claim_check(rows: list[dict]) -> list[str]:
     for (method, f), (mean, std, n, _) in sorted(stats.items()):
         if f == low and method != SINGLE:
             lines.append(f"| {method} | {n} | {mean:.2f} ± {std:.2f} | {mean / ref:.2f} | {'yes' if mean <= ref else 'no'} |")
+    return lines
+
+
+def selection_check(rows: list[dict], fractions: list[float]) -> list[str]:
+    """Mean energy MAE and largest error of each non-random pick over the random pick of the same method."""
+    mae, worst = summarise(rows, "energy_mae"), summarise(rows, "energy_max")
+    lines = ["| method | " + " | ".join(f"{f:g}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+    for key in dict.fromkeys(label(r) for r in rows if r["selection"] != "random"):
+        base = key.split(" (")[0]
+        cells = []
+        for f in fractions:
+            if (key, f) in mae and (base, f) in mae:
+                cells.append(f"{mae[(key, f)][0] / mae[(base, f)][0]:.2f} / {worst[(key, f)][0] / worst[(base, f)][0]:.2f}")
+            else:
+                cells.append("–")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -123,8 +143,12 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
         if any(r[f"{q}_mae"] != "" for r in rows):
             lines += [f"## {q} MAE ({unit})", "", *_table(rows, f"{q}_mae", methods, fractions), ""]
             lines += [f"## largest {q} error ({unit})", "", *_table(rows, f"{q}_max", methods, fractions), ""]
-    lines += ["## Little high-level data with help vs much without: 10 % vs 80 % single-fidelity "
-              "(energy MAE, meV/atom)", "", *claim_check(rows), ""]
+    low, high = claim_fractions(rows)
+    lines += [f"## Little high-level data with help vs much without: {low:g} of the pool vs {high:g} "
+              "single-fidelity (energy MAE, meV/atom)", "", *claim_check(rows), ""]
+    if any(r["selection"] != "random" for r in rows):
+        lines += ["## Picks against random picks of the same size (ratio of energy MAE / of largest "
+                  "energy error; below 1 is better)", "", *selection_check(rows, fractions), ""]
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
         lines += ["## Runs that did not finish", "", *(f"- {label(r)} f={r['fraction']:g} seed {r['seed']}: "
