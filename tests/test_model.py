@@ -271,3 +271,11 @@ def test_lookup_errors_name_known_entries(make_model):
     assert model.species_index(torch.tensor([8, 1, 8])).tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match=r"\['C'\].*\['H', 'O'\]"):
         model.species_index(torch.tensor([1, 6]))
+
+
+def test_energy_only_prediction_respects_no_grad(make_model, si_cell):
+    model = make_model()
+    batch = atoms_to_batch(si_cell, model.cutoff)
+    with torch.no_grad():
+        assert not model(batch, compute_forces=False)["energy"].requires_grad  # no graph kept
+        assert model(batch, compute_forces=True)["forces"].shape == (len(si_cell), 3)  # still differentiates

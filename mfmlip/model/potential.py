@@ -5,6 +5,8 @@ The fidelity enters only through ``self.fidelity`` (:mod:`mfmlip.model.fidelity`
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from ase.data import chemical_symbols
@@ -149,7 +151,8 @@ class MFPotential(torch.nn.Module):
         n_graphs = batch[K.N_ATOMS].shape[0]
         fid_atom = batch[K.FIDELITY][graph_of_atom]
         dtype = self.dtype
-        with torch.enable_grad():
+        # derivatives need a graph even under no_grad; otherwise the caller's grad mode holds
+        with torch.enable_grad() if compute_forces or compute_stress else contextlib.nullcontext():
             positions, cell = batch[K.POSITIONS].to(dtype), batch[K.CELL].to(dtype)
             if compute_forces:
                 positions = positions.detach().requires_grad_(True)
