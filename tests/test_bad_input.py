@@ -330,8 +330,10 @@ def test_element_not_in_the_model(tmp_path, make_model):
     model = make_model(species=(1, 8), fidelities=("PBE", "MP2"), cutoff=3.0)
     methanol = molecule("CH3OH")
     methanol.info.update(fidelity="PBE", energy=-1.0)
-    with pytest.raises(ValueError, match=r"^element\(s\) \['C'\] unknown to this model; it knows \['H', 'O'\]$"):
-        evaluate(model, [structure_from_atoms(methanol)])
+    structure = structure_from_atoms(methanol, source="m.extxyz: frame 3")
+    with pytest.raises(ValueError, match=r"^m.extxyz: frame 3 .. m.extxyz: frame 3: element\(s\) \['C'\] "
+                       r"unknown to this model; it knows \['H', 'O'\]$"):
+        evaluate(model, [structure])
 
 
 def test_element_only_in_the_test_split_is_a_clear_error(tmp_path):
@@ -340,8 +342,9 @@ def test_element_only_in_the_test_split_is_a_clear_error(tmp_path):
     ase.io.write(tmp_path / "other.extxyz", methanol, format="extxyz")
     files = [{"path": "water.extxyz", "split": {"train": None, "val": 4, "test": 0}},
              {"path": "other.extxyz", "split": {"train": 0, "val": 0, "test": None}}]
-    with pytest.raises(ValueError, match=r"\['C'\] unknown to this model; it knows \['H', 'O'\]"):
+    with pytest.raises(DataError, match=r"other.extxyz: frame 0: test structure with elements \[6\]"):
         train(tiny_config(tmp_path, "run", files=files, max_epochs=1))
+    assert not (tmp_path / "run" / "model.pt").exists()  # refused before training
 
 
 def test_fidelity_not_in_the_model(make_model):

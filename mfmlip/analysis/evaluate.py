@@ -77,7 +77,10 @@ def predict_batches(model, structures: list[Structure], fidelity: str | None = N
             for s in chunk
         ]
         batch = to_device(collate(graphs), device, model.dtype)
-        pred = model(batch, compute_forces=True, compute_stress=stress)
+        try:
+            pred = model(batch, compute_forces=True, compute_stress=stress)
+        except ValueError as err:  # e.g. an unknown element: say which structures
+            raise ValueError(f"{chunk[0].source} .. {chunk[-1].source}: {err}") from err
         yield chunk, batch, {k: v.detach() for k, v in pred.items()}
 
 

@@ -106,6 +106,11 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
         raise DataError("no validation structures: give split.val > 0 for at least one file")
     fidelities = list(dict.fromkeys(s.fidelity for k in SPLITS for s in splits[k]))
     species = sorted({int(z) for k in ("train", "val") for s in splits[k] for z in s.atomic_numbers})
+    for s in splits["test"]:
+        unseen = sorted(set(s.atomic_numbers.tolist()) - set(species))
+        if unseen:
+            raise DataError(f"{s.source}: test structure with elements {unseen} (atomic numbers) "
+                            "that no training or validation structure has")
     return PreparedData(species, fidelities, splits, report)
 
 
