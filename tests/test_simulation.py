@@ -493,3 +493,12 @@ def test_cli_requires_fidelity(model_file, capsys):
         main(["relax", str(model_file / "model.pt"), str(model_file / "si2.extxyz")])
     assert exit_info.value.code == 2
     assert "--fidelity" in capsys.readouterr().err
+
+
+def test_cli_min_distance_refuses_closer_atoms(model_file, tmp_path, capsys):
+    # Si-Si bonds of diamond are ~2.35 A: a 3 A threshold refuses the structure
+    args = ["relax", str(model_file / "model.pt"), str(model_file / "si8.extxyz"), "--fidelity", "SCAN",
+            "-o", str(tmp_path / "r.extxyz")]
+    assert main(args + ["--min-distance", "3.0"]) == 2
+    assert "closer than min_distance=3 A" in capsys.readouterr().err
+    assert main(args) == 0

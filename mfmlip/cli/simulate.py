@@ -29,7 +29,8 @@ def _read(path: str, index):
 def _calculator(args):
     from mfmlip.simulation.calculator import MFCalculator
 
-    return MFCalculator(args.model, fidelity=args.fidelity, device=args.device, dtype=args.dtype)
+    return MFCalculator(args.model, fidelity=args.fidelity, device=args.device, dtype=args.dtype,
+                        min_distance=args.min_distance)
 
 
 def _relax(args) -> None:
@@ -169,6 +170,8 @@ def _model_arguments(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
                    help="model precision (default float64: smoother energy surface for optimisers and MD)")
+    p.add_argument("--min-distance", type=float, default=0.1,
+                   help="refuse structures with two atoms closer than this (Angstrom; default 0.1)")
 
 
 def _analysis_arguments(p, what: str) -> None:
