@@ -64,7 +64,7 @@ class MaceAdapter(common.Adapter):
         return model.to(torch.float32)
 
     def describe(self, model):
-        return " | ".join(str(p.linear.irreps_out) for p in model.products) + " (correlation 3)"
+        return " / ".join(str(p.linear.irreps_out) for p in model.products) + " (correlation 3)"
 
     def batch(self, frames, model, stats):
         from mace import data as mace_data

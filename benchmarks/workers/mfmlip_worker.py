@@ -190,7 +190,7 @@ class MfmlipAdapter(common.Adapter):
         return VARIANTS[self.variant](model).to(torch.float32)
 
     def describe(self, model):
-        text = " | ".join(str(b.irreps_out) for b in model.blocks)
+        text = " / ".join(str(b.irreps_out) for b in model.blocks)
         return text if self.variant == "baseline" else f"{text} [variant {self.variant}]"
 
     def batch(self, frames, model, stats):

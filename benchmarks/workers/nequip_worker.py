@@ -76,7 +76,7 @@ class NequipAdapter(common.Adapter):
             for m in model.modules()
             if type(m).__name__ == "ConvNetLayer" and hasattr(m, "irreps_out")
         ]
-        return " | ".join(str(o3.Irreps(i)) for i in irreps)
+        return " / ".join(str(o3.Irreps(i)) for i in irreps)
 
     def batch(self, frames, model, stats):
         from ase.calculators.singlepoint import SinglePointCalculator

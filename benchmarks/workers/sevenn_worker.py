@@ -49,8 +49,8 @@ class SevennAdapter(common.Adapter):
         return model
 
     def describe(self, model):
-        return " | ".join(
-            str(m.irreps_out) for n, m in model._modules.items() if n.endswith("self_interaction_2")
+        return " / ".join(
+            str(m.gate.irreps_out) for n, m in model._modules.items() if n.endswith("equivariant_gate")
         )
 
     def batch(self, frames, model, stats):
