@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mfmlip.analysis.figures import save_figure
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import collate, structure_to_graph, to_device
@@ -143,9 +144,4 @@ def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
             ax.set_ylabel(f"predicted {q} [{unit}]")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

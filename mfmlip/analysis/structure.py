@@ -7,6 +7,7 @@ are counted (any cell shape); distances in Angstrom, angles in degrees.
 
 from __future__ import annotations
 
+from mfmlip.analysis.figures import save_figure
 import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ class RDFResult:
         ax.set_ylabel("g(r)")
         ax.set_title(title or f"radial distribution function ({self.n_frames} frames)")
         ax.legend()
-        return _save(fig, plt, path)
+        return save_figure(fig, path)
 
     def first_peak(self, pair: str) -> tuple[float, float]:
         """(r in Angstrom, g) of the first local maximum of g_pair reaching at
@@ -119,7 +120,7 @@ class ADFResult:
         ax.set_ylabel("probability density (1/degree)")
         ax.set_xlim(0, 180)
         ax.set_title(title or f"angular distribution {self.name}, cutoff {self.cutoff:g} A")
-        return _save(fig, plt, path)
+        return save_figure(fig, path)
 
     def peaks(self, min_fraction: float = 0.05) -> np.ndarray:
         """Bin centres (degrees) of local maxima of ``counts`` holding at least
@@ -174,7 +175,7 @@ class CoordinationResult:
         ax.set_xlabel(f"coordination number {self.name} (cutoff {self.cutoff:g} A)")
         ax.set_ylabel("fraction of atoms")
         ax.set_title(title or f"{self.name} coordination, mean {self.mean:.3f}")
-        return _save(fig, plt, path)
+        return save_figure(fig, path)
 
 
 def parse_species(text: str | Sequence[str], n: int) -> tuple[str, ...]:
@@ -435,10 +436,3 @@ def _figure():
     return fig, ax, plt
 
 
-def _save(fig, plt, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -78,7 +78,7 @@ def _write_frames(path: Path, frames, numbers, indices) -> None:
 def _sample(args) -> None:
     from mfmlip.model.serialization import load_model
     from mfmlip.sampling import encode, plot_selection, principal_components, sample
-    from mfmlip.sampling.encode import structure_from_plain_atoms
+    from mfmlip.data.structures import unlabelled_structure
 
     _check_arguments(args)
     options = _options(args)
@@ -86,7 +86,7 @@ def _sample(args) -> None:
     fidelity = args.fidelity or model.fidelities[0]
     model.fidelity_index(fidelity)  # clear error before reading data
     frames, numbers = _read_candidates(args.candidates, args.index)
-    structures = [structure_from_plain_atoms(a, source=f"{args.candidates}: frame {k}", frame=k)
+    structures = [unlabelled_structure(a, source=f"{args.candidates}: frame {k}", frame=k)
                   for a, k in zip(frames, numbers)]
     vectors = encode(structures, model, fidelity, batch_size=args.batch_size, pooling=args.pooling,
                      device=args.device, progress=not args.no_progress)

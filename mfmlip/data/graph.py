@@ -12,7 +12,7 @@ import torch
 import vesin
 
 from mfmlip import keys as K
-from mfmlip.data.structures import DataError, Structure
+from mfmlip.data.structures import DataError, Structure, unlabelled_structure
 
 MIN_DISTANCE = 0.1  # Angstrom: closer atoms are refused (input error, never a NaN deep in the model)
 
@@ -159,15 +159,5 @@ def atoms_to_batch(atoms, cutoff: float, fidelity_index: int = 0, min_distance: 
         Non-finite positions or cell, a periodic cell of zero volume, or two
         atoms closer than ``min_distance`` Angstrom (0 turns the check off).
     """
-    s = Structure(
-        positions=np.asarray(atoms.positions, dtype=np.float64),
-        atomic_numbers=atoms.get_atomic_numbers().astype(np.int64),
-        cell=np.asarray(atoms.cell.array, dtype=np.float64),
-        pbc=np.asarray(atoms.pbc, dtype=bool),
-        fidelity="",
-        source=f"structure {atoms.get_chemical_formula()}",
-    )
-    for name in ("positions", "cell"):
-        if not np.all(np.isfinite(getattr(s, name))):
-            raise DataError(f"{s.source}, field '{name}': contains NaN or inf")
+    s = unlabelled_structure(atoms, source=f"structure {atoms.get_chemical_formula()}")
     return collate([structure_to_graph(s, cutoff, fidelity_index, min_distance)])

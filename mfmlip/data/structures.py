@@ -366,3 +366,28 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
         structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
         for k, atoms in zip(numbers, frames)
     ]
+
+
+def unlabelled_structure(atoms: Atoms, source: str = "<memory>", frame: int = -1) -> Structure:
+    """An unlabelled :class:`Structure` of ``atoms`` (labels and fidelity ignored).
+
+    Raises
+    ------
+    DataError
+        No atoms, or non-finite positions or cell; the message names ``source``.
+    """
+    if len(atoms) == 0:
+        raise DataError(f"{source}: structure has no atoms")
+    s = Structure(
+        positions=np.asarray(atoms.positions, dtype=np.float64),
+        atomic_numbers=atoms.get_atomic_numbers().astype(np.int64),
+        cell=np.asarray(atoms.cell.array, dtype=np.float64),
+        pbc=np.asarray(atoms.pbc, dtype=bool),
+        fidelity="",
+        source=source,
+        frame=frame,
+    )
+    for name in ("positions", "cell"):
+        if not np.all(np.isfinite(getattr(s, name))):
+            raise DataError(f"{source}, field '{name}': contains NaN or inf")
+    return s

@@ -11,7 +11,7 @@ Ko & Ong 2025). The selectors are pure numpy functions.
 >>> picked = select(vectors, 100, method="direct", seed=0)        # doctest: +SKIP
 """
 
-from mfmlip.sampling.encode import encode, pool, structure_from_plain_atoms
+from mfmlip.sampling.encode import encode, pool
 from mfmlip.sampling.plot import plot_selection
 from mfmlip.sampling.select import (
     METHODS, PCA, Selection, birch_clusters, direct_counts, direct_select, format_region, narrow_select,
@@ -19,7 +19,7 @@ from mfmlip.sampling.select import (
 )
 
 __all__ = [
-    "encode", "pool", "structure_from_plain_atoms", "plot_selection", "METHODS", "PCA", "Selection",
+    "encode", "pool", "plot_selection", "METHODS", "PCA", "Selection",
     "birch_clusters", "direct_counts", "direct_select", "format_region", "narrow_select", "parse_region",
     "pick_from_clusters", "principal_components", "random_select", "sample", "select",
 ]

@@ -20,34 +20,9 @@ from ase.data import chemical_symbols
 
 from mfmlip import keys as K
 from mfmlip.data.graph import collate, structure_to_graph, to_device
-from mfmlip.data.structures import DataError, Structure
+from mfmlip.data.structures import DataError, Structure, unlabelled_structure
 
 POOLINGS = ("mean", "species")
-
-
-def structure_from_plain_atoms(atoms: Atoms, source: str = "<memory>", frame: int = -1) -> Structure:
-    """An unlabelled :class:`Structure` of ``atoms`` (labels and fidelity ignored).
-
-    Raises
-    ------
-    DataError
-        No atoms, or non-finite positions or cell; the message names ``source``.
-    """
-    if len(atoms) == 0:
-        raise DataError(f"{source}: structure has no atoms")
-    s = Structure(
-        positions=np.asarray(atoms.positions, dtype=np.float64),
-        atomic_numbers=atoms.get_atomic_numbers().astype(np.int64),
-        cell=np.asarray(atoms.cell.array, dtype=np.float64),
-        pbc=np.asarray(atoms.pbc, dtype=bool),
-        fidelity="",
-        source=source,
-        frame=frame,
-    )
-    for name in ("positions", "cell"):
-        if not np.all(np.isfinite(getattr(s, name))):
-            raise DataError(f"{source}, field '{name}': contains NaN or inf")
-    return s
 
 
 def _as_structures(items: Iterable) -> list[Structure]:
@@ -58,7 +33,7 @@ def _as_structures(items: Iterable) -> list[Structure]:
         if isinstance(item, Structure):
             out.append(item)
         elif isinstance(item, Atoms):
-            out.append(structure_from_plain_atoms(item, source=f"structure {i}", frame=i))
+            out.append(unlabelled_structure(item, source=f"structure {i}", frame=i))
         else:
             raise TypeError(f"structure {i}: expected ase.Atoms or mfmlip Structure, got {type(item).__name__}")
     if not out:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfmlip.analysis.figures import save_figure
 from mfmlip.sampling.select import PCA, Selection, format_region
 
 
@@ -56,12 +57,7 @@ def plot_selection(selection: Selection, path: str | Path, pca: PCA | None = Non
     ax.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)" if len(ratio) > 1 else "PC2 (none)")
     ax.set_title(title or f"{selection.method}: {len(idx)} of {len(pc1)} selected", fontsize=10)
     ax.legend(loc="best", fontsize=8, markerscale=2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _shade_region(ax, bounds, pc1, pc2) -> None:

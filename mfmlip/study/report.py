@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfmlip.analysis.figures import save_figure
 from mfmlip.atomic_io import atomic_write
 from mfmlip.study.config import SINGLE, StudyConfig
 
@@ -180,8 +181,4 @@ def learning_curve(rows: list[dict], path: Path, title: str) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
