@@ -79,7 +79,11 @@ LEVERS = {
     "nequip@tcmalloc": "NequIP, tcmalloc (same lever for the peer)",
 }
 # Further variants that can be named in --codes but are not run by --levers (measured slower, see the report).
-EXTRA_VARIANTS = {"mfmlip+fused_tp": "mfmlip, merged paths + TP as dense products (lever, slower)"}
+EXTRA_VARIANTS = {
+    "mfmlip+fused_tp": "mfmlip, merged paths + TP as dense products (lever, slower)",
+    "mfmlip+sqrt_neighbors": "mfmlip, messages / sqrt(avg neighbours) (training lever)",
+    "mfmlip+merged_paths_sqrt_neighbors": "mfmlip, merged paths + messages / sqrt(avg neighbours) (levers)",
+}
 ALLOCATORS = {
     "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"],
     "jemalloc": ["libjemalloc.so.2"],
@@ -191,6 +195,15 @@ def accuracy_split(path: Path, seed: int = 0) -> dict:
     n = len(read(str(path), ":"))
     order = np.random.default_rng(seed).permutation(n).tolist()
     return {"test": sorted(order[:24]), "train": sorted(order[24:])}
+
+
+def zero_force_mae(path: Path, frames: list[int]) -> float:
+    """Force MAE (meV/A) of predicting zero forces on the given frames: where an untrained model starts."""
+    import numpy as np
+    from ase.io import read
+
+    atoms = read(str(path), ":")
+    return 1000 * float(np.mean(np.concatenate([np.abs(atoms[i].get_forces()).ravel() for i in frames])))
 
 
 def build_tasks(args, root: Path) -> list[dict]:
@@ -310,12 +323,27 @@ def machine() -> dict:
     return info
 
 
-def _busy(before: str, after: str) -> bool:
-    """True if the 1-minute load average was above half the cores before or after."""
+def cpu_snapshot() -> tuple[float, float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its finished
+    children, wall time); the difference of two snapshots gives the CPU that other processes used."""
+    import resource
+
     try:
-        return max(float(before.split()[0]), float(after.split()[0])) > 0.5 * (os.cpu_count() or 1)
-    except (ValueError, IndexError):
-        return False
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[i] for i in (0, 1, 2, 5, 6, 7) if i < len(fields)) / os.sysconf("SC_CLK_TCK")
+    own = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return busy, own, time.time()
+
+
+def other_cores(start, end) -> float | None:
+    """Average number of cores busy with other processes between two :func:`cpu_snapshot`s."""
+    if not (start and end) or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
 
 
 def loadavg() -> str:
@@ -358,7 +386,8 @@ def table_rows(results: dict, codes: list[str]) -> list[dict]:
     return rows
 
 
-def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, mach: dict, meta: dict) -> str:
+def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, mach: dict, meta: dict,
+                 zero_mae: float | None = None) -> str:
     codes = [c for c in LABELS if c in args.codes]
     peers = [c for c in codes if c in PEERS]
     peer_levers = [c for c in codes if c not in PEERS and split_code(c)[0] in PEERS]
@@ -401,8 +430,12 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
     L.append(f"Machine: {mach.get('Model name', mach['host_cpu'])}, {mach.get('CPU(s)', mach['nproc'])} CPUs, "
              f"{mach.get('memory', '?')}, L3 {mach.get('L3 cache', '?')}, SIMD: {mach.get('Flags', '?')}; "
              f"{mach['os']}; Python {mach['python']}, torch {mach['torch']}; {args.threads} threads per measurement.\n")
-    L.append(f"Load average (1/5/15 min) before: {meta['load_before']}, after: {meta['load_after']}"
-             f"{' (the machine was busy: timings taken under load)' if meta['under_load'] else ''}.\n")
+    oc = meta.get("other_cores")
+    L.append(f"Load average (1/5/15 min) before: {meta['load_before']}, after: {meta['load_after']} (the benchmark's "
+             "own workers count in 'after'). "
+             + (f"Other processes used {oc:.2f} cores on average during the run (from /proc/stat minus this run's "
+                f"own CPU time){': the timings were taken under load' if meta['under_load'] else ''}.\n"
+                if oc is not None else "\n"))
     L.append("Versions: " + "; ".join(f"{LABELS[c]} {v}" for c, v in meta["versions"].items()) + "\n")
     L.append("Matched size for every code: cutoff 5 A, 32 channels, lmax 2, 3 interaction layers, float32. "
              "Architectures (hidden irreps per layer) and parameter counts are in the table.\n")
@@ -469,8 +502,10 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
         a0 = next(iter(accuracy.values()))
         acc_run = meta.get("accuracy_run")
         if acc_run:
+            oc = acc_run.get("other_cores")
             L.append(f"Accuracy run: `{' '.join(acc_run['argv'])}`, {acc_run['wall_minutes']:.1f} min, load average "
-                     f"before {acc_run['load_before']}, after {acc_run['load_after']}.\n")
+                     f"before {acc_run['load_before']}, after {acc_run['load_after']}"
+                     + (f"; other processes used {oc:.2f} cores on average" if oc is not None else "") + ".\n")
         L.append(f"Same {a0.get('n_train')} MP2 training frames and {a0.get('n_test')} held-out test frames for every "
                  f"code, {a0.get('epochs')} epochs of batch 4 ({a0.get('steps')} Adam steps, lr 5e-3 with cosine decay "
                  "to 1%), loss 10 x MSE(energy per atom) + MSE(force components), least-squares E0 and force-RMS "
@@ -487,6 +522,8 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
                          f"{a['energy_mae_meV_atom']:.2f} | {a['train_seconds']:.0f} | {a['n_params']} |")
             else:
                 L.append(f"| {LABELS[code]} | failed: {a.get('error', '')[:200]} | | | |")
+        if zero_mae is not None:
+            L.append(f"\nFor scale: predicting zero forces gives a force MAE of {zero_mae:.1f} meV/A on these test frames.\n")
         best = [a["force_mae_meV_A"] for c, a in accuracy.items() if c in PEERS and a.get("ok")]
         for me in mine_codes:
             if best and accuracy.get(me, {}).get("ok"):
@@ -544,6 +581,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mfmlip-bench"))
     p.add_argument("--data-root", default=None)
     p.add_argument("--reinstall", action="store_true", help="rebuild the peers' virtual environments")
+    p.add_argument("--report-only", action="store_true", help="rewrite report.md and the CSVs from --out/raw.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     args = p.parse_args(argv)
     args.codes = [c.strip() for c in args.codes.split(",") if c.strip()]
@@ -556,9 +594,22 @@ def main(argv=None) -> int:
     do_acc = args.accuracy or args.only == "accuracy"
     out = Path(args.out) if args.out else (ROOT / "benchmarks" / "out-quick" if args.quick else ROOT / "docs" / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        raw = json.loads((out / "raw.json").read_text())
+        results = {(r.get("code"), r.get("measure")): r for r in raw.get("speed", [])}
+        args.codes = [c for c in LABELS if any(k[0] == c for k in results) or c in raw.get("accuracy", {})]
+        if raw.get("accuracy") and "accuracy_zero_force_mae" not in raw:
+            tasks = build_tasks(args, data_root(args.data_root))
+            raw["accuracy_zero_force_mae"] = zero_force_mae(Path(tasks["accuracy"]["data"]),
+                                                            tasks["accuracy"]["accuracy"]["test"])
+            (out / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
+        print(write_report(out, args, results, raw.get("accuracy", {}), raw.get("extra", {}), raw["machine"],
+                           raw["meta"], raw.get("accuracy_zero_force_mae")))
+        return 0
     t_start = time.perf_counter()
     meta = {"argv": ["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])],
             "load_before": loadavg()}
+    cpu0 = cpu_snapshot()
     mach = machine()
     log(f"machine: {mach.get('Model name', '?')}, load {meta['load_before']}; output -> {out}")
 
@@ -629,21 +680,26 @@ def main(argv=None) -> int:
                 else f"  {code}: FAILED {r.get('error')}")
             return code, r
 
+        raw["accuracy_zero_force_mae"] = zero_force_mae(Path(tasks["accuracy"]["data"]),
+                                                        tasks["accuracy"]["accuracy"]["test"])
         with ThreadPoolExecutor(max_workers=max(1, args.accuracy_parallel)) as pool:
             for code, r in pool.map(one, [c for c in args.codes if "@" not in c]):  # allocators: same numbers
                 raw["accuracy"][code] = r
     accuracy = raw["accuracy"]
     meta["load_after"] = loadavg()
-    meta["under_load"] = _busy(meta["load_before"], meta["load_after"])
+    meta["other_cores"] = other_cores(cpu0, cpu_snapshot())
+    meta["under_load"] = meta["other_cores"] is not None and meta["other_cores"] > 0.2
     meta["wall_minutes"] = (time.perf_counter() - t_start) / 60
     if do_speed:
         raw["machine"], raw["meta"] = mach, meta
     else:  # the report's header describes the run that measured the speeds
         raw.setdefault("machine", mach)
         raw.setdefault("meta", meta)
-        raw["meta"]["accuracy_run"] = {k: meta[k] for k in ("argv", "load_before", "load_after", "wall_minutes")}
+        raw["meta"]["accuracy_run"] = {k: meta[k] for k in ("argv", "load_before", "load_after", "wall_minutes",
+                                                            "other_cores")}
     raw_path.write_text(json.dumps(raw, indent=1, default=str))
-    text = write_report(out, args, results, accuracy, extra, raw["machine"], raw["meta"])
+    text = write_report(out, args, results, accuracy, extra, raw["machine"], raw["meta"],
+                        raw.get("accuracy_zero_force_mae"))
     print("\n" + text)
     log(f"wrote {out / 'report.md'}, {out / 'speed.csv'}" + (f", {out / 'accuracy.csv'}" if accuracy else "")
         + f" in {meta['wall_minutes']:.1f} min")
