@@ -569,12 +569,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke test: few repetitions, small data; writes to benchmarks/out-quick")
     p.add_argument("--accuracy", action="store_true", help="also run the equal-budget MP2 accuracy comparison")
     p.add_argument("--only", choices=["speed", "accuracy"], help="run only the speed part or only the accuracy part")
-    p.add_argument("--codes", default=",".join(CODES), help=f"comma-separated subset of {CODES}")
+    p.add_argument("--codes", default=",".join(CODES),
+                   help=f"comma-separated subset of {CODES}, or mfmlip variants and levers: {list(LABELS)[len(CODES):]}")
     p.add_argument("--levers", action="store_true",
                    help=f"also measure the optimisation levers (mfmlip variants built in the worker: {list(LEVERS)})")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (>= 5 for the report)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs of the accuracy run")
+    p.add_argument("--epochs", type=int, default=4, help="epochs of the accuracy run (4 = 100 Adam steps)")
     p.add_argument("--accuracy-threads", type=int, default=None, help="threads for the accuracy runs (default --threads)")
     p.add_argument("--accuracy-parallel", type=int, default=1, help="accuracy runs at once (e.g. 2 with 1 thread each)")
     p.add_argument("--out", default=None, help="output directory (default docs/benchmarks, or benchmarks/out-quick with --quick)")
