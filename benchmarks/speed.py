@@ -20,6 +20,15 @@ One run measures, on this machine, with the same data and matched model sizes
   learning-rate schedule for every code) and the MP2 test force MAE on the 24
   held-out frames.
 
+Allocators: ``mfmlip`` runs as its ``mfmlip`` command does, with tcmalloc
+preloaded when ``mfmlip.cli.allocator.find_tcmalloc`` finds it
+(``MFMLIP_ALLOCATOR=system`` in the environment turns that off); the peers
+run with glibc malloc, as they do by default. ``CODE@system`` and
+``CODE@tcmalloc`` force one or the other; ``--levers`` adds
+``mfmlip@system`` and ``nequip@tcmalloc`` so that like for like stays
+visible. Every worker reports the malloc actually mapped into it, and the
+report gives it per row.
+
 Every measurement runs in a fresh subprocess (``benchmarks/workers/*.py``);
 the peers run in their own virtual environments, created on first use under
 ``--cache-dir`` (default ``~/.cache/mfmlip-bench/<peer>``): ``python -m venv``,
@@ -31,15 +40,20 @@ installs a top-level ``tests`` package that would shadow the project's tests.
 
 Usage::
 
-    python benchmarks/speed.py                      # full run -> docs/benchmarks/
-    python benchmarks/speed.py --accuracy           # ... plus the equal-budget accuracy run
-    python benchmarks/speed.py --only accuracy      # the accuracy run alone
+    python benchmarks/speed.py --levers             # full speed run -> docs/benchmarks/
+    python benchmarks/speed.py --only accuracy      # the accuracy run alone (keeps the speed rows)
+    python benchmarks/speed.py --codes mfmlip,mfmlip@system --accuracy --merge   # re-measure mfmlip only
+    python benchmarks/speed.py --report-only        # rewrite report.md and the CSVs from raw.json
     python benchmarks/speed.py --quick              # smoke test -> benchmarks/out-quick/
-    python benchmarks/speed.py --codes mfmlip,nequip --threads 1
 
-Outputs in ``--out``: ``report.md`` (machine, settings, table, ratios,
-targets, FLOPs, profile), ``speed.csv``, ``accuracy.csv``, ``raw.json`` (every
-worker's JSON), ``profile.txt``, ``install.log`` references.
+Without ``--merge`` a run replaces the part it measures (speed rows, or
+accuracy rows) in ``--out/raw.json``; with ``--merge`` it replaces only the
+rows of the codes it measures and keeps the others. Every row records when,
+in which run and with which allocator it was measured, and the report says so.
+
+Outputs in ``--out``: ``report.md`` (machine, runs, table, ratios, targets,
+FLOPs, profile), ``speed.csv``, ``accuracy.csv``, ``raw.json`` (every
+worker's JSON and the runs), ``profile.txt``, ``workers.log`` (appended).
 Data: ``--data-root``, else ``$MFMLIP_DATA``, else ``../shared/data`` from the
 repository root (files are read in place, never copied).
 """
@@ -69,26 +83,10 @@ PEERS = {
     "nequip": {"pip": ["nequip==0.19.1"], "module": "nequip", "label": "NequIP"},
 }
 CODES = ["mfmlip", *PEERS]
-# Optimisation levers, measured with --levers (mfmlip itself is not changed): "code+variant" is a model
-# variant built in the worker (see workers/mfmlip_worker.py); "code@allocator" runs the worker with that
-# malloc preloaded (Debian: libtcmalloc-minimal4). nequip@tcmalloc checks whether the fastest peer gains too.
-LEVERS = {
-    "mfmlip+merged_paths": "mfmlip, merged TP paths (lever)",
-    "mfmlip@tcmalloc": "mfmlip, tcmalloc (lever)",
-    "mfmlip+merged_paths@tcmalloc": "mfmlip, merged paths + tcmalloc (levers)",
-    "nequip@tcmalloc": "NequIP, tcmalloc (same lever for the peer)",
-}
-# Further variants that can be named in --codes but are not run by --levers (measured slower, see the report).
-EXTRA_VARIANTS = {
-    "mfmlip+fused_tp": "mfmlip, merged paths + TP as dense products (lever, slower)",
-    "mfmlip+sqrt_neighbors": "mfmlip, messages / sqrt(avg neighbours) (training lever)",
-    "mfmlip+merged_paths_sqrt_neighbors": "mfmlip, merged paths + messages / sqrt(avg neighbours) (levers)",
-}
-ALLOCATORS = {
-    "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"],
-    "jemalloc": ["libjemalloc.so.2"],
-}
-LABELS = {"mfmlip": "mfmlip", **{k: v["label"] for k, v in PEERS.items()}, **LEVERS, **EXTRA_VARIANTS}
+# "code@allocator": that code's worker with glibc malloc ("system") or tcmalloc preloaded. --levers adds these:
+# mfmlip with the allocator its command would not use, and the fastest peer with mfmlip's (like for like).
+LEVERS = ["mfmlip@system", "nequip@tcmalloc"]
+ALLOCATOR_ENV = "MFMLIP_ALLOCATOR"  # as for the mfmlip command: "system" runs plain mfmlip without tcmalloc
 
 MODEL = {"cutoff": 5.0, "channels": 32, "lmax": 2, "layers": 3}
 
@@ -104,6 +102,10 @@ TARGET = 1.5
 
 def log(msg: str) -> None:
     print(f"[{dt.datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def utc_now(seconds: bool = False) -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M" + (":%S" if seconds else "") + " UTC")
 
 
 # ---------------------------------------------------------------------------
@@ -240,36 +242,63 @@ def build_tasks(args, root: Path) -> list[dict]:
     return {k: {**base, **v, "key": k} for k, v in tasks.items()}
 
 
-def find_allocator(name: str) -> str | None:
-    """Path of a malloc library to LD_PRELOAD, or None if it is not installed."""
-    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
-        for lib in ALLOCATORS.get(name, []):
-            if Path(d, lib).exists():
-                return str(Path(d, lib))
-    return None
+# ---------------------------------------------------------------------------
+# codes, allocators, workers
 
 
-def split_code(code: str) -> tuple[str, str, str]:
-    """'mfmlip+merged_paths@tcmalloc' -> ('mfmlip', 'merged_paths', 'tcmalloc')."""
-    code, _, alloc = code.partition("@")
-    name, _, variant = code.partition("+")
-    return name, variant, alloc
+def split_code(code: str) -> tuple[str, str]:
+    """'nequip@tcmalloc' -> ('nequip', 'tcmalloc'); 'mfmlip' -> ('mfmlip', '')."""
+    name, _, alloc = code.partition("@")
+    return name, alloc
 
 
-def run_worker(code: str, py: Path, task: dict, threads: int, timeout: float, logfile) -> dict:
-    name, variant, alloc = split_code(code)
+def known_code(code: str) -> bool:
+    """A code, or a code with the allocator it does not use by default (mfmlip@system, <peer>@tcmalloc)."""
+    name, alloc = split_code(code)
+    return name in CODES and alloc in ("", "system" if name == "mfmlip" else "tcmalloc")
+
+
+def label(code: str) -> str:
+    name, alloc = split_code(code)
+    return (PEERS[name]["label"] if name in PEERS else name) + (f"@{alloc}" if alloc else "")
+
+
+def ordered(codes) -> list[str]:
+    """Codes as the code runs by default first (mfmlip, then the peers), then the allocator rows."""
+    return sorted(set(codes), key=lambda c: (bool(split_code(c)[1]), CODES.index(split_code(c)[0]), c))
+
+
+def find_tcmalloc() -> str | None:
+    """tcmalloc as the ``mfmlip`` command finds it (:func:`mfmlip.cli.allocator.find_tcmalloc`), or None."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(1, str(ROOT))
+    from mfmlip.cli.allocator import find_tcmalloc as find
+
+    return find()
+
+
+def preload(code: str) -> tuple[str | None, str | None]:
+    """(library to LD_PRELOAD or None, error) for the code's worker."""
+    name, alloc = split_code(code)
+    if alloc == "system" or (not alloc and (name != "mfmlip" or os.environ.get(ALLOCATOR_ENV) == "system")):
+        return None, None
+    lib = find_tcmalloc()
+    if lib is None and alloc == "tcmalloc":
+        return None, "tcmalloc not installed (Debian: apt-get install libtcmalloc-minimal4)"
+    return lib, None  # plain mfmlip without tcmalloc installed: glibc, as its command runs
+
+
+def run_worker(code: str, py: Path, task: dict, threads: int, timeout: float, logfile, run_id: str) -> dict:
+    name, _ = split_code(code)
+    stamp = {"code": code, "run": run_id, "measured_utc": utc_now()}
     script = WORKERS / f"{name}_worker.py"
-    if variant:
-        task = {**task, "variant": variant}
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LD_PRELOAD")}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONNOUSERSITE="1",
                PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
-    env.pop("LD_PRELOAD", None)
-    if alloc:
-        lib = find_allocator(alloc)
-        if lib is None:
-            return {"ok": False, "code": code, "error": f"{alloc} not installed (Debian: apt-get install "
-                    f"{'libtcmalloc-minimal4' if alloc == 'tcmalloc' else 'libjemalloc2'})"}
+    lib, error = preload(code)
+    if error:
+        return {"ok": False, "error": error, **stamp}
+    if lib:
         env["LD_PRELOAD"] = lib
     payload = {k: v for k, v in task.items() if k != "key"}
     t0 = time.perf_counter()
@@ -281,16 +310,67 @@ def run_worker(code: str, py: Path, task: dict, threads: int, timeout: float, lo
         stdout, stderr, rc = err.stdout or "", (err.stderr or "") + f"\nTIMEOUT after {timeout} s", -9
         stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
         stderr = stderr.decode() if isinstance(stderr, bytes) else stderr
-    logfile.write(f"===== {code} {task['key']} (rc {rc}, {time.perf_counter() - t0:.0f} s)\n{stderr[-4000:]}\n")
+    logfile.write(f"===== {code} {task['key']} ({stamp['measured_utc']}, LD_PRELOAD={lib or '-'}, rc {rc}, "
+                  f"{time.perf_counter() - t0:.0f} s)\n{stderr[-4000:]}\n")
     logfile.flush()
     for line in reversed(stdout.splitlines()):
         if line.startswith("BENCH_JSON "):
-            result = json.loads(line[len("BENCH_JSON "):])
-            result["code"] = code
-            if alloc:
-                result["allocator"] = env["LD_PRELOAD"]
-            return result
-    return {"ok": False, "code": code, "error": f"worker exited {rc}: {stderr.strip().splitlines()[-1:] or ''}"}
+            return {**json.loads(line[len("BENCH_JSON "):]), **stamp, "preload": lib or ""}
+    return {"ok": False, "error": f"worker exited {rc}: {stderr.strip().splitlines()[-1:] or ''}", **stamp}
+
+
+def malloc_of(r: dict) -> str:
+    """The allocator a row was measured with: what its worker found mapped ("malloc"); rows of the first
+    report only have the preloaded path ("allocator"), and none when they ran with glibc."""
+    found = r.get("malloc") or r.get("allocator") or "glibc"
+    return next((n for n in ("tcmalloc", "jemalloc") if n in found), "glibc")
+
+
+# ---------------------------------------------------------------------------
+# raw.json: rows, runs, merging
+
+RUN_KEYS = ("argv", "codes", "parts", "cpu", "wall_minutes", "install_minutes", "load_before", "load_after",
+            "other_cores", "under_load")
+
+
+def load_raw(path: Path) -> tuple[dict, list[str]]:
+    """``raw.json`` in the current layout (empty if missing) and the codes whose rows were dropped.
+
+    Rows of codes this script no longer runs (the first report's worker-side model variants, and
+    ``mfmlip@tcmalloc``, now plain ``mfmlip``) are dropped. A file of the first layout (one ``meta`` for
+    the last run, no per-row dates) is converted: that run becomes ``runs[0]``; its accuracy rows point
+    to it; its speed rows too if it measured speed, else they are dated "before" its start.
+    """
+    raw = json.loads(path.read_text()) if path.exists() else {}
+    for key, empty in (("speed", []), ("accuracy", {}), ("extra", {}), ("versions", {}), ("runs", [])):
+        raw.setdefault(key, empty)
+    if "meta" in raw:
+        meta = raw.pop("meta")
+        run_id = raw.get("machine", {}).get("date_utc", "?")
+        raw["versions"] = {**meta.get("versions", {}), **raw["versions"]}
+        raw["runs"].insert(0, {"id": run_id, **{k: meta.get(k) for k in RUN_KEYS}})
+        for a in raw["accuracy"].values():
+            if a.get("run_date_utc") and "run" not in a:
+                a.update(measured_utc=a["run_date_utc"], run=run_id if a["run_date_utc"] == run_id else None)
+        argv = meta.get("argv") or []
+        accuracy_only = "--only" in argv[:-1] and argv[argv.index("--only") + 1] == "accuracy"
+        for r in raw["speed"]:
+            if "measured_utc" in r:
+                continue
+            if accuracy_only:
+                r["measured_utc"] = f"before {run_id}"
+            else:
+                r.update(run=run_id, measured_utc=run_id)
+    dropped = sorted({str(r.get("code")) for r in raw["speed"] if not known_code(str(r.get("code")))}
+                     | {c for c in raw["accuracy"] if not known_code(c)})
+    raw["speed"] = [r for r in raw["speed"] if known_code(str(r.get("code")))]
+    raw["accuracy"] = {c: a for c, a in raw["accuracy"].items() if known_code(c)}
+    raw["extra"] = {k: v for k, v in raw["extra"].items() if k in ("flops", "profile")}
+    return raw, dropped
+
+
+def measured(r: dict) -> str:
+    return r.get("measured_utc") or "not recorded"
 
 
 # ---------------------------------------------------------------------------
@@ -367,6 +447,8 @@ def fmt(x, nd=1):
     return f"{x:.{nd + 1}f}"
 
 
+
+
 def table_rows(results: dict, codes: list[str]) -> list[dict]:
     rows = []
     for key, system, title in MEASURES:
@@ -374,28 +456,34 @@ def table_rows(results: dict, codes: list[str]) -> list[dict]:
             r = results.get((code, key))
             if r is None:
                 continue
-            row = {"measure": key, "system": system, "code": code, "version": r.get("version"), "ok": r.get("ok")}
+            row = {"measure": key, "system": system, "code": code, "version": r.get("version"), "ok": r.get("ok"),
+                   "allocator": malloc_of(r), "measured_utc": measured(r), "run": r.get("run")}
             if r.get("ok"):
                 t = r["throughput"]
                 row.update(unit=r["unit"], median=t["median"], min=t["min"], max=t["max"], n=t["n"],
-                           rss_base_mb=r["rss_base_mb"], rss_peak_mb=r["rss_peak_mb"], rss_step_mb=r["rss_step_mb"],
-                           n_params=r["n_params"], architecture=r.get("architecture", ""))
+                           threads=r.get("threads"), rss_base_mb=r["rss_base_mb"], rss_peak_mb=r["rss_peak_mb"],
+                           rss_step_mb=r["rss_step_mb"], n_params=r["n_params"], architecture=r.get("architecture", ""))
             else:
                 row["error"] = r.get("error", "")
             rows.append(row)
     return rows
 
 
-def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, mach: dict, meta: dict,
-                 zero_mae: float | None = None) -> str:
-    codes = [c for c in LABELS if c in args.codes]
+def ok(r) -> bool:
+    return bool(r and r.get("ok"))
+
+
+def write_report(out: Path, raw: dict) -> str:
+    results = {(r.get("code"), r.get("measure")): r for r in raw["speed"]}
+    accuracy, extra, mach = raw["accuracy"], raw["extra"], raw.get("machine", {})
+    codes = ordered([c for c, _ in results] + list(accuracy))
     peers = [c for c in codes if c in PEERS]
-    peer_levers = [c for c in codes if c not in PEERS and split_code(c)[0] in PEERS]
     mine_codes = [c for c in codes if split_code(c)[0] == "mfmlip"]
     rows = table_rows(results, codes)
     with open(out / "speed.csv", "w", newline="") as f:
-        fields = ["measure", "system", "code", "version", "ok", "unit", "median", "min", "max", "n",
-                  "rss_base_mb", "rss_peak_mb", "rss_step_mb", "n_params", "architecture", "error"]
+        fields = ["measure", "system", "code", "allocator", "version", "measured_utc", "run", "ok", "unit", "median",
+                  "min", "max", "n", "threads", "rss_base_mb", "rss_peak_mb", "rss_step_mb", "n_params",
+                  "architecture", "error"]
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for row in rows:
@@ -405,7 +493,7 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
             mine = results.get((me, key))
             for code in peers:
                 peer = results.get((code, key))
-                if mine and peer and mine.get("ok") and peer.get("ok"):
+                if ok(mine) and ok(peer):
                     w.writerow({"measure": f"{key}:ratio_{me}_over_peer", "system": system, "code": code,
                                 "unit": "x", "median": mine["throughput"]["median"] / peer["throughput"]["median"],
                                 "rss_step_mb": mine["rss_step_mb"] / max(peer["rss_step_mb"], 1e-9),
@@ -413,62 +501,84 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
     if accuracy:
         with open(out / "accuracy.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["code", "version", "force_mae_meV_A", "force_rmse_meV_A", "energy_mae_meV_atom", "epochs",
-                        "steps", "n_train", "n_test", "train_seconds", "n_params", "run_date_utc", "threads", "ok"])
+            w.writerow(["code", "allocator", "version", "force_mae_meV_A", "force_rmse_meV_A", "energy_mae_meV_atom",
+                        "epochs", "steps", "n_train", "n_test", "train_seconds", "n_params", "measured_utc", "run",
+                        "threads", "ok"])
             for code in codes:
                 a = accuracy.get(code)
                 if a:
-                    w.writerow([code, a.get("version"), a.get("force_mae_meV_A"), a.get("force_rmse_meV_A"),
-                                a.get("energy_mae_meV_atom"), a.get("epochs"), a.get("steps"), a.get("n_train"),
-                                a.get("n_test"), a.get("train_seconds"), a.get("n_params"), a.get("run_date_utc"),
-                                a.get("threads"), a.get("ok")])
+                    w.writerow([code, malloc_of(a), a.get("version"), a.get("force_mae_meV_A"),
+                                a.get("force_rmse_meV_A"), a.get("energy_mae_meV_atom"), a.get("epochs"),
+                                a.get("steps"), a.get("n_train"), a.get("n_test"), a.get("train_seconds"),
+                                a.get("n_params"), measured(a), a.get("run"), a.get("threads"), a.get("ok")])
 
-    L = []
-    L.append("# mfmlip speed benchmark (generated by `benchmarks/speed.py`)\n")
-    L.append(f"Run: {mach['date_utc']}, `{' '.join(meta['argv'])}`, {meta['wall_minutes']:.1f} min in all "
-             f"(peer installs: {meta['install_minutes']:.1f} min).\n")
-    L.append(f"Machine: {mach.get('Model name', mach['host_cpu'])}, {mach.get('CPU(s)', mach['nproc'])} CPUs, "
-             f"{mach.get('memory', '?')}, L3 {mach.get('L3 cache', '?')}, SIMD: {mach.get('Flags', '?')}; "
-             f"{mach['os']}; Python {mach['python']}, torch {mach['torch']}; {args.threads} threads per measurement.\n")
-    oc = meta.get("other_cores")
-    L.append(f"Load average (1/5/15 min) before: {meta['load_before']}, after: {meta['load_after']} (the benchmark's "
-             "own workers count in 'after'). "
-             + (f"Other processes used {oc:.2f} cores on average during the run (from /proc/stat minus this run's "
-                f"own CPU time){': the timings were taken under load' if meta['under_load'] else ''}.\n"
-                if oc is not None else "\n"))
-    L.append("Versions: " + "; ".join(f"{LABELS[c]} {v}" for c, v in meta["versions"].items()) + "\n")
+    L = ["# mfmlip speed benchmark (generated by `benchmarks/speed.py`)\n"]
+    threads = sorted({r.get("threads") for r in raw["speed"] if r.get("threads")})
+    L.append(f"Machine: {mach.get('Model name', mach.get('host_cpu', '?'))}, {mach.get('CPU(s)', mach.get('nproc'))} "
+             f"CPUs, {mach.get('memory', '?')}, L3 {mach.get('L3 cache', '?')}, SIMD: {mach.get('Flags', '?')}; "
+             f"{mach.get('os', '?')}; Python {mach.get('python', '?')}, torch {mach.get('torch', '?')}; "
+             f"threads per speed measurement: {'/'.join(map(str, threads)) or '?'}.\n")
+    used = {r.get("run") for r in raw["speed"]} | {a.get("run") for a in accuracy.values()}
+    L.append("Runs whose rows are in this report (each row says when it was measured; later runs replaced the "
+             "rows of the codes they measured, `--merge`). Load: the 1/5/15-min load average before and after the "
+             "run (its own workers count in 'after'), and the cores other processes used on average (from "
+             "/proc/stat minus the run's own CPU time):\n")
+    for run in raw["runs"]:
+        if run["id"] not in used:
+            continue
+        oc = run.get("other_cores")
+        L.append(f"- {run['id']}: `{' '.join(run.get('argv') or ['?'])}`, {run.get('wall_minutes') or 0:.1f} min"
+                 + (f" (peer installs {run['install_minutes']:.1f} min)" if run.get("install_minutes") else "")
+                 + f"; load before {run.get('load_before')}, after {run.get('load_after')}"
+                 + (f"; other processes {oc:.2f} cores" if oc is not None else "")
+                 + ("; **the timings were taken under load**" if run.get("under_load") else ""))
+    if any(r.get("run") is None for r in [*raw["speed"], *accuracy.values()]):
+        L.append("- rows measured 'before X' come from an earlier run whose details were not recorded; X is "
+                 "the start of a later run that kept them")
+    cpus = {run.get("cpu") for run in raw["runs"] if run["id"] in used and run.get("cpu")}
+    if len(cpus) > 1:
+        L.append(f"- **the runs were on different CPUs** ({', '.join(sorted(cpus))}): ratios across runs mean little")
+    L.append("")
+    names = {split_code(c)[0] for c in codes}
+    L.append("Versions: " + "; ".join(f"{label(c)} {v}" for c, v in raw["versions"].items() if c in names) + "\n")
     L.append("Matched size for every code: cutoff 5 A, 32 channels, lmax 2, 3 interaction layers, float32. "
              "Architectures (hidden irreps per layer) and parameter counts are in the table.\n")
+    L.append("Allocator: the malloc mapped into the worker process. mfmlip runs as its `mfmlip` command does, "
+             "with tcmalloc preloaded when it is installed (`mfmlip.cli.allocator`); the peers run with glibc "
+             "malloc, as they do by default; `CODE@ALLOCATOR` rows force the other one.\n")
     L.append("Throughput is the median over repetitions after warm-up (min-max in brackets). Memory: peak RSS of "
              "the worker process during warm-up and timed steps (`VmHWM` after resetting it with "
              "`/proc/self/clear_refs`), and in brackets that peak minus the RSS just before the first step "
              "(imports, data and model already loaded): the memory the steps themselves need.\n")
-    L.append("| measure | code | throughput (median [min-max]) | peak RSS MB [step MB] | params | hidden irreps |")
-    L.append("|---|---|---|---|---|---|")
+    L.append("| measure | code | allocator | throughput (median [min-max]) | peak RSS MB [step MB] | params | "
+             "hidden irreps | version | measured |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         title = next(t for k, _, t in MEASURES if k == row["measure"])
+        head = f"| {title} | {label(row['code'])} | {row['allocator']} |"
+        tail = f" {row['version'] or ''} | {row['measured_utc']} |"
         if row.get("ok"):
-            L.append(f"| {title} | {LABELS[row['code']]} | {fmt(row['median'], 2)} [{fmt(row['min'], 2)}-"
-                     f"{fmt(row['max'], 2)}] {row['unit']} (n={row['n']}) | {row['rss_peak_mb']:.0f} "
-                     f"[{row['rss_step_mb']:.0f}] | {row['n_params']} | {row['architecture']} |")
+            L.append(f"{head} {fmt(row['median'], 2)} [{fmt(row['min'], 2)}-{fmt(row['max'], 2)}] {row['unit']} "
+                     f"(n={row['n']}) | {row['rss_peak_mb']:.0f} [{row['rss_step_mb']:.0f}] | {row['n_params']} | "
+                     f"{row['architecture']} |{tail}")
         else:
-            L.append(f"| {title} | {LABELS[row['code']]} | failed: {row.get('error', '')[:200]} | | | |")
+            L.append(f"{head} failed: {row.get('error', '')[:200]} | | | |{tail}")
     L.append("")
     # ratios and targets
     L.append(f"## Ratios mfmlip / peer (throughput: higher is better; memory: step MB, lower is better) and the "
              f"{TARGET}x targets\n")
-    L.append("| measure | " + " | ".join(f"vs {LABELS[c]}" for c in peers) + " | vs fastest peer | target met |")
+    L.append("Each mfmlip row (with its allocator) against the peers as they run by default.\n")
+    L.append("| measure | " + " | ".join(f"vs {label(c)}" for c in peers) + " | vs fastest peer | target met |")
     L.append("|---|" + "---|" * len(peers) + "---|---|")
     for me, key, system, title in [(me, *m) for me in mine_codes for m in MEASURES]:
         mine = results.get((me, key))
-        if not (mine and mine.get("ok")):
+        if not ok(mine):
             continue
-        if me != "mfmlip":
-            title = f"{title} [{LABELS[me]}]"
+        title = f"{title} [{label(me)}, {malloc_of(mine)}]"
         cells, best = [], None
         for code in peers:
             peer = results.get((code, key))
-            if peer and peer.get("ok"):
+            if ok(peer):
                 ratio = mine["throughput"]["median"] / peer["throughput"]["median"]
                 mem = mine["rss_step_mb"] / max(peer["rss_step_mb"], 1e-9)
                 cells.append(f"{ratio:.2f}x speed, {mem:.2f}x mem")
@@ -478,63 +588,65 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
                 cells.append("-")
         if best:
             ratio = mine["throughput"]["median"] / best[1]["throughput"]["median"]
-            mem_ok = mine["rss_peak_mb"] <= best[1]["rss_peak_mb"]
-            met = "yes" if ratio >= TARGET and mem_ok else "no"
-            L.append(f"| {title} | " + " | ".join(cells) + f" | {ratio:.2f}x ({LABELS[best[0]]}); peak RSS "
+            met = "yes" if ratio >= TARGET and mine["rss_peak_mb"] <= best[1]["rss_peak_mb"] else "no"
+            L.append(f"| {title} | " + " | ".join(cells) + f" | {ratio:.2f}x ({label(best[0])}); peak RSS "
                      f"{mine['rss_peak_mb']:.0f} vs {best[1]['rss_peak_mb']:.0f} MB | {met} |")
         else:
             L.append(f"| {title} | " + " | ".join(cells) + " | - | - |")
     L.append("")
-    like = [(me, pl) for me in mine_codes for pl in peer_levers if split_code(me)[2] and split_code(me)[2] == split_code(pl)[2]]
+    like = []
+    for me, key, title in [(me, k, t) for me in mine_codes for k, _, t in MEASURES]:
+        a = results.get((me, key))
+        same = [c for c in codes if split_code(c)[0] in PEERS and ok(results.get((c, key)))
+                and ok(a) and malloc_of(results[(c, key)]) == malloc_of(a)]
+        if same:
+            c = max(same, key=lambda c: results[(c, key)]["throughput"]["median"])
+            b = results[(c, key)]
+            like.append(f"- {title}: {label(me)} / {label(c)}, both {malloc_of(a)}: "
+                        f"{a['throughput']['median'] / b['throughput']['median']:.2f}x, peak RSS "
+                        f"{a['rss_peak_mb']:.0f} vs {b['rss_peak_mb']:.0f} MB")
     if like:
-        L.append("Like for like: the allocator lever applied to the fastest peer as well (throughput ratio, peak RSS):\n")
-        for me, pl in like:
-            for key, _system, title in MEASURES:
-                a, b = results.get((me, key)), results.get((pl, key))
-                if a and b and a.get("ok") and b.get("ok"):
-                    L.append(f"- {title}: {LABELS[me]} / {LABELS[pl]} = "
-                             f"{a['throughput']['median'] / b['throughput']['median']:.2f}x, peak RSS "
-                             f"{a['rss_peak_mb']:.0f} vs {b['rss_peak_mb']:.0f} MB")
-        L.append("")
+        L.append("Like for like: each mfmlip row against the fastest peer row with the same allocator "
+                 "(throughput ratio, peak RSS):\n")
+        L += like + [""]
     # accuracy
     if accuracy:
         L.append("## Equal-budget accuracy: MP2 NaCl-water\n")
-        a0 = next(iter(accuracy.values()))
-        acc_run = meta.get("accuracy_run")
-        if acc_run:
-            oc = acc_run.get("other_cores")
-            L.append(f"Accuracy run: `{' '.join(acc_run['argv'])}`, {acc_run['wall_minutes']:.1f} min, load average "
-                     f"before {acc_run['load_before']}, after {acc_run['load_after']}"
-                     + (f"; other processes used {oc:.2f} cores on average" if oc is not None else "") + ".\n")
+        a0 = next((a for a in accuracy.values() if a.get("ok")), {})
         L.append(f"Same {a0.get('n_train')} MP2 training frames and {a0.get('n_test')} held-out test frames for every "
                  f"code, {a0.get('epochs')} epochs of batch 4 ({a0.get('steps')} Adam steps, lr 5e-3 with cosine decay "
                  "to 1%), loss 10 x MSE(energy per atom) + MSE(force components), least-squares E0 and force-RMS "
-                 "scale from the training frames. Run: "
-                 f"{a0.get('run_date_utc', '?')}, {a0.get('threads', '?')} thread(s) per code.\n")
-        L.append("| code | MP2 test force MAE / RMSE (meV/A) | energy MAE (meV/atom) | training time (s) | params |")
-        L.append("|---|---|---|---|---|")
+                 "scale from the training frames. The allocator changes the training time, not the numbers.\n")
+        L.append("| code | allocator | MP2 test force MAE / RMSE (meV/A) | energy MAE (meV/atom) | training time (s) "
+                 "| threads | params | version | measured |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         for code in codes:
             a = accuracy.get(code)
             if not a:
                 continue
+            head = f"| {label(code)} | {malloc_of(a)} |"
+            tail = f" {a.get('version', '')} | {measured(a)} |"
             if a.get("ok"):
-                L.append(f"| {LABELS[code]} | {a['force_mae_meV_A']:.1f} / {a['force_rmse_meV_A']:.1f} | "
-                         f"{a['energy_mae_meV_atom']:.2f} | {a['train_seconds']:.0f} | {a['n_params']} |")
+                L.append(f"{head} {a['force_mae_meV_A']:.1f} / {a['force_rmse_meV_A']:.1f} | "
+                         f"{a['energy_mae_meV_atom']:.2f} | {a['train_seconds']:.0f} | {a.get('threads', '?')} | "
+                         f"{a['n_params']} |{tail}")
             else:
-                L.append(f"| {LABELS[code]} | failed: {a.get('error', '')[:200]} | | | |")
+                L.append(f"{head} failed: {a.get('error', '')[:200]} | | | | |{tail}")
+        zero_mae = raw.get("accuracy_zero_force_mae")
         if zero_mae is not None:
             L.append(f"\nFor scale: predicting zero forces gives a force MAE of {zero_mae:.1f} meV/A on these test frames.\n")
         best = [a["force_mae_meV_A"] for c, a in accuracy.items() if c in PEERS and a.get("ok")]
         for me in mine_codes:
-            if best and accuracy.get(me, {}).get("ok"):
+            if best and ok(accuracy.get(me)):
                 r = accuracy[me]["force_mae_meV_A"] / min(best)
-                L.append(f"\n{LABELS[me]} force MAE / best peer: {r:.3f} (target <= 1.05: "
+                L.append(f"\n{label(me)} force MAE / best peer: {r:.3f} (target <= 1.05: "
                          f"{'met' if r <= 1.05 else 'missed'})\n")
     # flops
     fl = extra.get("flops")
-    if fl and fl.get("ok"):
+    if ok(fl):
         L.append("## mfmlip FLOPs (torch.utils.flop_counter; matmul-like ops only)\n")
-        L.append(f"Batch: {fl['batch_size']} NaCl-water boxes, {fl['n_atoms']} atoms, {fl['n_edges']} edges.\n")
+        L.append(f"Batch: {fl['batch_size']} NaCl-water boxes, {fl['n_atoms']} atoms, {fl['n_edges']} edges; "
+                 f"mfmlip {fl.get('version', '')}, {malloc_of(fl)}, measured {measured(fl)}.\n")
         L.append("| pass | GFLOP per call | time per call (s) | achieved GFLOP/s | top ops (GFLOP) |")
         L.append("|---|---|---|---|---|")
         for name in ("train", "infer"):
@@ -544,18 +656,15 @@ def write_report(out: Path, args, results: dict, accuracy: dict, extra: dict, ma
             L.append(f"| {name} | {d['flops'] / 1e9:.2f} | {d['seconds']:.3f} | {d['gflops_per_s']:.2f} | {top} |")
         L.append("\nPlain float32 matmul on the same machine and threads (GFLOP/s): " +
                  ", ".join(f"{k} {v:.1f}" for k, v in fl["matmul_gflops"].items()) + "\n")
-    tables = []
-    for key, what in (("profile", "mfmlip"), ("profile_lever", LABELS["mfmlip+merged_paths@tcmalloc"])):
-        pr = extra.get(key)
-        if not (pr and pr.get("ok")):
-            continue
+    pr = extra.get("profile")
+    if ok(pr):
+        what = f"mfmlip {pr.get('version', '')}, {malloc_of(pr)}, measured {measured(pr)}"
         L.append(f"## Profile: {what} (torch.profiler, self CPU time per call, batch of 4 NaCl-water boxes)\n")
         for name in ("train", "infer"):
             L.append(f"{name}: " + "; ".join(f"`{e['op']}` {e['self_cpu_ms']:.0f} ms ({100 * e['share']:.0f}%, "
                                            f"{e['calls']} calls)" for e in pr[name][:8]) + "\n")
-        tables += [f"== {what}: {n} ==\n{pr[n + '_table']}" for n in ("train", "infer")]
-    if tables:
-        (out / "profile.txt").write_text("\n\n".join(tables))
+        (out / "profile.txt").write_text("\n\n".join(f"== {what}: {n} ==\n{pr[n + '_table']}"
+                                                     for n in ("train", "infer")))
     text = "\n".join(L) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -570,9 +679,13 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", action="store_true", help="also run the equal-budget MP2 accuracy comparison")
     p.add_argument("--only", choices=["speed", "accuracy"], help="run only the speed part or only the accuracy part")
     p.add_argument("--codes", default=",".join(CODES),
-                   help=f"comma-separated subset of {CODES}, or mfmlip variants and levers: {list(LABELS)[len(CODES):]}")
+                   help=f"comma-separated subset of {CODES}; CODE@ALLOCATOR forces the allocator a code does not "
+                        "use by default: mfmlip@system (glibc malloc), <peer>@tcmalloc")
     p.add_argument("--levers", action="store_true",
-                   help=f"also measure the optimisation levers (mfmlip variants built in the worker: {list(LEVERS)})")
+                   help=f"also measure {LEVERS}: mfmlip with glibc malloc and the fastest peer with tcmalloc")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the measured codes' rows in --out/raw.json and keep the other codes' rows "
+                        "(without it, the part that runs replaces all its rows)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (>= 5 for the report)")
     p.add_argument("--epochs", type=int, default=4, help="epochs of the accuracy run (4 = 100 Adam steps)")
@@ -585,125 +698,109 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="rewrite report.md and the CSVs from --out/raw.json")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
     args = p.parse_args(argv)
-    args.codes = [c.strip() for c in args.codes.split(",") if c.strip()]
-    unknown = set(args.codes) - set(LABELS)
+    codes = [c.strip() for c in args.codes.split(",") if c.strip()]
+    unknown = [c for c in codes if not known_code(c)]
     if unknown:
-        p.error(f"unknown codes {sorted(unknown)}; choose from {list(LABELS)}")
-    if args.levers:
-        args.codes += [c for c in LEVERS if c not in args.codes]
+        p.error(f"unknown codes {unknown}; choose from {CODES}, mfmlip@system, <peer>@tcmalloc")
+    codes = ordered(codes + (LEVERS if args.levers else []))
     do_speed = args.only != "accuracy"
     do_acc = args.accuracy or args.only == "accuracy"
     out = Path(args.out) if args.out else (ROOT / "benchmarks" / "out-quick" if args.quick else ROOT / "docs" / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / "raw.json"
+    raw, dropped = load_raw(raw_path)
+    if dropped:
+        log(f"{raw_path}: dropping the rows of codes this script no longer runs: {', '.join(dropped)}")
     if args.report_only:
-        raw = json.loads((out / "raw.json").read_text())
-        results = {(r.get("code"), r.get("measure")): r for r in raw.get("speed", [])}
-        args.codes = [c for c in LABELS if any(k[0] == c for k in results) or c in raw.get("accuracy", {})]
-        if raw.get("accuracy") and "accuracy_zero_force_mae" not in raw:
+        if raw["accuracy"] and "accuracy_zero_force_mae" not in raw:
             tasks = build_tasks(args, data_root(args.data_root))
             raw["accuracy_zero_force_mae"] = zero_force_mae(Path(tasks["accuracy"]["data"]),
                                                             tasks["accuracy"]["accuracy"]["test"])
-            (out / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
-        print(write_report(out, args, results, raw.get("accuracy", {}), raw.get("extra", {}), raw["machine"],
-                           raw["meta"], raw.get("accuracy_zero_force_mae")))
+            raw_path.write_text(json.dumps(raw, indent=1, default=str))
+        print(write_report(out, raw))
         return 0
     t_start = time.perf_counter()
-    meta = {"argv": ["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])],
-            "load_before": loadavg()}
+    run_id = utc_now(seconds=True)
+    run = {"id": run_id, "argv": ["python", "benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])],
+           "codes": codes, "parts": ["speed"] * do_speed + ["accuracy"] * do_acc, "load_before": loadavg()}
     cpu0 = cpu_snapshot()
     mach = machine()
-    log(f"machine: {mach.get('Model name', '?')}, load {meta['load_before']}; output -> {out}")
+    run["cpu"] = mach.get("Model name", mach["host_cpu"])
+    log(f"machine: {run['cpu']}, load {run['load_before']}; codes {', '.join(codes)}; output -> {out}"
+        + (" (merged into the existing rows)" if args.merge else ""))
 
-    root = data_root(args.data_root)
-    tasks = build_tasks(args, root)
+    tasks = build_tasks(args, data_root(args.data_root))
     cache = Path(args.cache_dir).expanduser()
     t_inst = time.perf_counter()
-    pythons = {"mfmlip": Path(sys.executable)}
-    for code in args.codes:
-        if code in PEERS:
-            pythons[code] = peer_python(code, cache, args.reinstall)
-    for code in args.codes:
-        if code not in pythons:
-            pythons[code] = pythons.get(split_code(code)[0]) or peer_python(split_code(code)[0], cache, args.reinstall)
-    meta["install_minutes"] = (time.perf_counter() - t_inst) / 60
-    meta["versions"] = {}
-    for code in [c for c in args.codes if c in CODES]:
-        names = ["torch", "e3nn", "ase"] + ([PEERS[code]["pip"][0].split("==")[0]] if code in PEERS else [])
-        v = versions(pythons[code], names)
-        meta["versions"][code] = ", ".join(f"{k} {x}" for k, x in v.items())
+    pythons = {}
+    for name in dict.fromkeys(split_code(c)[0] for c in codes):
+        pythons[name] = Path(sys.executable) if name == "mfmlip" else peer_python(name, cache, args.reinstall)
+    run["install_minutes"] = (time.perf_counter() - t_inst) / 60
+    for name, py in pythons.items():
+        v = versions(py, ["torch", "e3nn", "ase"] + ([PEERS[name]["pip"][0].split("==")[0]] if name in PEERS else []))
+        raw["versions"][name] = ", ".join(f"{k} {x}" for k, x in v.items())
 
-    raw_path = out / "raw.json"
-    previous = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    raw = {"speed": previous.get("speed", []), "accuracy": previous.get("accuracy", {}), "extra": previous.get("extra", {})}
-    results, extra = {}, {}
+    def kept(code) -> bool:  # rows of earlier runs that this run keeps
+        return args.merge and code not in codes
+
+    def worker(code, task, threads, timeout):
+        return run_worker(code, pythons[split_code(code)[0]], task, threads, timeout, logfile, run_id)
+
     logfile = open(out / "workers.log", "a")
     if do_speed:
-        raw["speed"], raw["extra"] = [], {}
+        raw["speed"] = [r for r in raw["speed"] if kept(r.get("code"))]
+        for r in raw["speed"]:
+            r.setdefault("measured_utc", f"before {run_id}")
         for key, system, title in MEASURES:
-            for code in args.codes:  # codes interleaved per measure, so a load change hits all alike
+            for code in codes:  # codes interleaved per measure, so a load change hits all alike
                 log(f"{title}: {code} ...")
-                r = run_worker(code, pythons[code], tasks[key], args.threads, args.timeout, logfile)
+                r = worker(code, tasks[key], args.threads, args.timeout)
                 r["measure"] = key
-                results[(code, key)] = r
                 raw["speed"].append(r)
                 if r.get("ok"):
                     t = r["throughput"]
                     log(f"  {t['median']:.3f} {r['unit']} [{t['min']:.3f}-{t['max']:.3f}], peak RSS "
-                        f"{r['rss_peak_mb']:.0f} MB (steps {r['rss_step_mb']:.0f} MB)")
+                        f"{r['rss_peak_mb']:.0f} MB (steps {r['rss_step_mb']:.0f} MB), {malloc_of(r)}")
                 else:
                     log(f"  FAILED: {r.get('error')}")
-        if "mfmlip" in args.codes:
+        if "mfmlip" in codes:
+            raw["extra"] = {}
             for key in ("flops", "profile"):
                 log(f"mfmlip {key} ...")
-                extra[key] = run_worker("mfmlip", pythons["mfmlip"], tasks[key], args.threads, args.timeout, logfile)
-            if args.levers:
-                lever = "mfmlip+merged_paths@tcmalloc"
-                log(f"{lever} profile ...")
-                extra["profile_lever"] = run_worker(lever, pythons[lever], tasks["profile"], args.threads, args.timeout,
-                                                    logfile)
-            raw["extra"] = extra
-    else:
-        for r in raw["speed"]:
-            results[(r.get("code"), r.get("measure"))] = r
-        extra = raw["extra"]
+                raw["extra"][key] = worker("mfmlip", tasks[key], args.threads, args.timeout)
+        elif not args.merge:
+            raw["extra"] = {}
     if do_acc:
         from concurrent.futures import ThreadPoolExecutor
 
         threads = args.accuracy_threads or args.threads
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
         def one(code):
-            log(f"accuracy: {code} ({tasks['accuracy']['accuracy']['epochs']} epochs) ...")
-            r = run_worker(code, pythons[code], {**tasks["accuracy"], "threads": threads}, threads, args.timeout * 4,
-                           logfile)
-            r.update(run_date_utc=stamp, threads=threads)
+            log(f"accuracy: {code} ({tasks['accuracy']['accuracy']['epochs']} epochs, {threads} thread(s)) ...")
+            r = worker(code, {**tasks["accuracy"], "threads": threads}, threads, args.timeout * 4)
             log(f"  {code}: force MAE {r.get('force_mae_meV_A', float('nan')):.1f} meV/A" if r.get("ok")
                 else f"  {code}: FAILED {r.get('error')}")
             return code, r
 
         raw["accuracy_zero_force_mae"] = zero_force_mae(Path(tasks["accuracy"]["data"]),
                                                         tasks["accuracy"]["accuracy"]["test"])
+        raw["accuracy"] = {c: a for c, a in raw["accuracy"].items() if kept(c)}
         with ThreadPoolExecutor(max_workers=max(1, args.accuracy_parallel)) as pool:
-            for code, r in pool.map(one, [c for c in args.codes if "@" not in c]):  # allocators: same numbers
+            # CODE@ALLOCATOR rows are left out: the allocator changes the time, not the numbers
+            for code, r in pool.map(one, [c for c in codes if not split_code(c)[1]]):
                 raw["accuracy"][code] = r
-    accuracy = raw["accuracy"]
-    meta["load_after"] = loadavg()
-    meta["other_cores"] = other_cores(cpu0, cpu_snapshot())
-    meta["under_load"] = meta["other_cores"] is not None and meta["other_cores"] > 0.2
-    meta["wall_minutes"] = (time.perf_counter() - t_start) / 60
-    if do_speed:
-        raw["machine"], raw["meta"] = mach, meta
-    else:  # the report's header describes the run that measured the speeds
-        raw.setdefault("machine", mach)
-        raw.setdefault("meta", meta)
-        raw["meta"]["accuracy_run"] = {k: meta[k] for k in ("argv", "load_before", "load_after", "wall_minutes",
-                                                            "other_cores")}
+    run["load_after"] = loadavg()
+    run["other_cores"] = other_cores(cpu0, cpu_snapshot())
+    run["under_load"] = run["other_cores"] is not None and run["other_cores"] > 0.2
+    run["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    raw["machine"] = mach
+    used = {r.get("run") for r in [*raw["speed"], *raw["accuracy"].values(), *raw["extra"].values()]}
+    raw["runs"] = [r for r in raw["runs"] if r["id"] in used and r["id"] != run_id] + [run]
     raw_path.write_text(json.dumps(raw, indent=1, default=str))
-    text = write_report(out, args, results, accuracy, extra, raw["machine"], raw["meta"],
-                        raw.get("accuracy_zero_force_mae"))
+    text = write_report(out, raw)
     print("\n" + text)
-    log(f"wrote {out / 'report.md'}, {out / 'speed.csv'}" + (f", {out / 'accuracy.csv'}" if accuracy else "")
-        + f" in {meta['wall_minutes']:.1f} min")
+    log(f"wrote {out / 'report.md'}, {out / 'speed.csv'}" + (f", {out / 'accuracy.csv'}" if raw["accuracy"] else "")
+        + f" in {run['wall_minutes']:.1f} min")
     return 0
 
 

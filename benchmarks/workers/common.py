@@ -9,7 +9,8 @@ compute energy and forces, and make its ASE calculator) and calls
 optimiser, timing, memory) is here, identical for every code.
 
 The task comes as one JSON argument; the result is printed as one line
-``BENCH_JSON {...}`` on stdout.
+``BENCH_JSON {...}`` on stdout. It names the malloc actually mapped into the
+process (``malloc``: tcmalloc when the driver preloaded it, else glibc).
 
 Memory is the resident set size of the worker process, read from
 ``/proc/self/status``: ``VmRSS`` when the model, data and optimiser are ready
@@ -41,6 +42,19 @@ def rss_mb() -> dict:
                 key, value = line.split(":")
                 out[key] = int(value.split()[0]) / 1024.0
     return {"rss": out.get("VmRSS", float("nan")), "hwm": out.get("VmHWM", float("nan"))}
+
+
+def loaded_malloc() -> str:
+    """File name of the malloc replacement mapped into this process (tcmalloc, jemalloc), else "glibc"."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if "tcmalloc" in path or "jemalloc" in path:
+                    return os.path.basename(path)
+    except OSError:
+        pass
+    return "glibc"
 
 
 def reset_peak_rss() -> bool:
@@ -373,6 +387,7 @@ def main(adapter: Adapter, extra_tasks: dict | None = None) -> None:
     result.update(
         code=adapter.name, version=_safe(adapter.version), task=task["task"], system=task.get("system"),
         torch=torch.__version__, threads=torch.get_num_threads(), wall_seconds=time.perf_counter() - t0,
+        malloc=loaded_malloc(),
     )
     print("BENCH_JSON " + json.dumps(result, default=_jsonable), flush=True)
 
