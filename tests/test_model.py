@@ -263,6 +263,14 @@ def test_load_model_rejects_missing_and_foreign_files(tmp_path):
         load_model(tmp_path / "other.pt")
 
 
+def test_load_model_refuses_an_older_format(make_model, tmp_path):
+    save_model(make_model(species=(14,)), tmp_path / "model.pt")
+    data = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.save({**data, "format_version": 1}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old.pt has model format 1; this mfmlip reads format 2"):
+        load_model(tmp_path / "old.pt")
+
+
 def test_lookup_errors_name_known_entries(make_model):
     model = make_model(species=(1, 8), fidelities=("PBE", "MP2"))
     assert model.fidelity_index("MP2") == 1

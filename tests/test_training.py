@@ -111,6 +111,17 @@ def test_trained_model_loads_and_predicts_both_fidelities(trained, data_file):
     assert abs(energies[XTB] - energies[CCSDT]) > 100.0
 
 
+def test_cli_info_lists_fidelities_with_their_training_labels(trained, capsys):
+    counts = load_model(trained / "model.pt").metadata["training_data"]
+    assert counts[CCSDT]["structures"] == 120 and counts[CCSDT]["forces"] == 0  # 200 - 30 val - 50 test
+    assert counts[XTB]["forces"] == counts[XTB]["structures"] > 0
+    assert main(["info", str(trained / "model.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "species ['H', 'C', 'O'], scheme one_hot_linear" in out
+    assert f"'{CCSDT}': 120 training structures (120 energies, 0 forces, 0 stresses); E0 (eV): H " in out
+    assert f"'{XTB}': {counts[XTB]['structures']} training structures" in out
+
+
 def test_test_metrics_report_ccsdt_energy_mae(trained):
     metrics = json.loads((trained / "test_metrics.json").read_text())
     assert set(metrics) == {XTB, CCSDT}

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from mfmlip.cli.allocator import reexec_with_tcmalloc
 from mfmlip.cli.sample import add_parsers as add_sample_parsers
 from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
 from mfmlip.cli.study import add_parsers as add_study_parsers
@@ -40,6 +41,12 @@ def _evaluate(args) -> None:
     print(f"parity plot written to {png}")
 
 
+def _info(args) -> None:
+    from mfmlip.model.serialization import describe_model
+
+    print(describe_model(args.model))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mfmlip",
@@ -63,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
+    p = sub.add_parser("info", help="a model file's fidelities (names for --fidelity), species, cutoff, E0s")
+    p.add_argument("model", help="model file (model.pt) written by mfmlip train")
+    p.set_defaults(func=_info)
+
     add_simulation_parsers(sub)
     add_study_parsers(sub)
     add_sample_parsers(sub)
@@ -70,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; ``argv=None`` (the console script) reads ``sys.argv`` and may
+    re-execute under tcmalloc first (:mod:`mfmlip.cli.allocator`)."""
     args = build_parser().parse_args(argv)
+    if argv is None:
+        reexec_with_tcmalloc(sys.argv[1:])
     from mfmlip.data.structures import DataError
     from mfmlip.training.config import ConfigError
 

@@ -24,12 +24,16 @@ def _gate(target: o3.Irreps) -> e3nn_nn.Gate:
 class Interaction(torch.nn.Module):
     """One message-passing block.
 
-    ``h' = SelfConnection(h) + Gate(LinearPost(sum_j TP(LinearPre(h)_j, Y(r_ij); R(|r_ij|)) / avg_num_neighbors))``
+    ``h' = SelfConnection(h) + Gate(LinearPost(sum_j TP(LinearPre(h)_j, Y(r_ij); R(|r_ij|)) / sqrt(avg_num_neighbors)))``
 
     with ``Y`` the spherical harmonics, ``R`` a radial MLP giving the tensor
     product weights per edge (Batzner et al., NequIP, Nat. Commun. 2022). The
     fidelity features are appended to the scalar inputs of ``LinearPre`` and
-    ``LinearPost`` at the sites the conditioning names.
+    ``LinearPost`` at the sites the conditioning names. Paths of the tensor
+    product that give the same output irrep sum into one slot, each with its
+    own radial weights. Dividing by ``sqrt`` rather than the neighbour count
+    keeps messages of random sign at unit scale, as NequIP does; it halved
+    the force error of a short NaCl-water run (docs/benchmarks/report.md).
 
     Inputs: ``h`` (n_atoms, irreps_in.dim), ``fid`` (n_atoms, d_fid),
     ``sh`` (n_edges, irreps_sh.dim), ``radial`` (n_edges, num_radial),
@@ -48,16 +52,20 @@ class Interaction(torch.nn.Module):
     ):
         super().__init__()
         self.conditioning = conditioning
-        self.avg_num_neighbors = float(avg_num_neighbors)
+        self.message_norm = float(avg_num_neighbors) ** -0.5
         extra = lambda site: o3.Irreps(f"{conditioning.extra_dim(site)}x0e")
         self.linear_pre = o3.Linear(irreps_in + extra("pre"), irreps_in)
-        mid, instructions = [], []
-        for i_in, (mul, ir_in) in enumerate(irreps_in):
+        # paths with the same output irrep share one slot: a 4x narrower message (benchmarks/)
+        outs = [ir for _, ir in irreps_target]
+        instructions = []
+        for i_in, (_, ir_in) in enumerate(irreps_in):
             for i_sh, (_, ir_sh) in enumerate(irreps_sh):
                 for ir_out in ir_in * ir_sh:
-                    if ir_out in irreps_target:
-                        instructions.append((i_in, i_sh, len(mid), "uvu", True))
-                        mid.append((mul, ir_out))
+                    if ir_out in outs:
+                        instructions.append((i_in, i_sh, outs.index(ir_out), "uvu", True))
+        used = sorted({ins[2] for ins in instructions})
+        instructions = [(a, b, used.index(c), m, w) for a, b, c, m, w in instructions]
+        mid = [(irreps_in[0].mul, outs[i]) for i in used]
         self.tp = o3.TensorProduct(
             irreps_in, irreps_sh, o3.Irreps(mid), instructions,
             shared_weights=False, internal_weights=False,
@@ -75,7 +83,7 @@ class Interaction(torch.nn.Module):
         x = self.linear_pre(self.conditioning.augment(h, fid, "pre"))
         messages = self.tp(x[neighbour], sh, self.radial_mlp(radial))
         agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
-        agg = agg.index_add(0, centre, messages) / self.avg_num_neighbors
+        agg = agg.index_add(0, centre, messages) * self.message_norm
         out = self.gate(self.linear_post(self.conditioning.augment(agg, fid, "post")))
         return self.self_connection(h) + out
 

@@ -33,7 +33,7 @@ class MFPotential(torch.nn.Module):
     channels, lmax, num_layers : width, maximum degree l and depth of the backbone.
     num_radial, radial_hidden, envelope_p : Bessel basis size, radial MLP width,
         polynomial envelope exponent.
-    avg_num_neighbors : divisor of the aggregated messages.
+    avg_num_neighbors : mean neighbour count; aggregated messages are divided by its square root.
     fidelity_scheme, fidelity_sites, fidelity_dim : see :mod:`mfmlip.model.fidelity`
         (``fidelity_dim`` is the state-vector length of ``state_embedding``).
     e0 : (n_fidelities, n_species) reference energies in eV; zeros if None.

@@ -10,7 +10,7 @@ from mfmlip.atomic_io import atomic_write
 from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.potential import MFPotential
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: merged tensor-product paths, messages / sqrt(avg_num_neighbors)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
@@ -53,12 +53,18 @@ def load_model(
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        The file is not an mfmlip model file.
+        The file is not an mfmlip model file, or has another format version.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} not found")
     data = torch.load(path, map_location="cpu", weights_only=False)
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version is not None and version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has model format {version}; this mfmlip reads format {FORMAT_VERSION} "
+            "(the architecture changed); retrain with this version"
+        )
     if isinstance(data, dict) and "delta" in data:
         d = data["delta"]
         model = DeltaPotential(_rebuild(d["base"]), d["base_fidelity"], _rebuild(d["correction"]))
@@ -68,3 +74,33 @@ def load_model(
         raise ValueError(f"{path} is not an mfmlip model file (no hparams/state_dict)")
     model.metadata = data.get("metadata", {})
     return model.to(device=device, dtype=dtype).eval()
+
+
+def describe_model(path: str | Path) -> str:
+    """A text summary of a model file: the fidelity names to pass as ``--fidelity``
+    (with the training structures and labels behind each, when recorded), species,
+    cutoff (Angstrom), scheme, parameter count and E0s (eV).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`load_model`.
+    """
+    from ase.data import chemical_symbols
+
+    model = load_model(path)
+    meta = model.metadata
+    core = model.correction if isinstance(model, DeltaPotential) else model
+    hp = core.hparams
+    lines = [f"{path}: {sum(p.numel() for p in model.parameters())} parameters, cutoff {core.cutoff} A, "
+             f"species {[chemical_symbols[z] for z in core.species]}, scheme {hp['fidelity_scheme']}"
+             + (f", delta on {model.base_fidelity}" if isinstance(model, DeltaPotential) else ""),
+             "fidelities (pass one as --fidelity):"]
+    counts = meta.get("training_data", {})
+    for name in model.fidelities:
+        c = counts.get(name)
+        seen = (f"{c['structures']} training structures ({c['energy']} energies, {c['forces']} forces, "
+                f"{c['stress']} stresses)" if c else "training data not recorded")
+        e0 = ", ".join(f"{el} {v:.4f}" for el, v in meta.get("e0", {}).get(name, {}).items())
+        lines.append(f"  {name!r}: {seen}; E0 (eV): {e0 or 'not recorded'}")
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -193,6 +194,7 @@ def train(
         "e0": e0_as_dict(model.e0_table(), model.species, model.fidelities),
         "config": cfg.model_dump(mode="json"),
         "epochs_trained": trainer.current_epoch,
+        "training_data": _label_counts(data.splits["train"]),
     }
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise FloatingPointError(f"training diverged: no finite weights to save (see {out / 'logs'})")
@@ -203,6 +205,19 @@ def train(
         _test_report(model, data, cfg, out)
     print(f"total time {time.time() - started:.0f} s", flush=True)
     return model_path
+
+
+def _label_counts(structures) -> dict:
+    """``{fidelity: {"structures", "energy", "forces", "stress"}}``: how many training
+    structures of each fidelity, and how many carry each label."""
+    counts = {}
+    for s in structures:
+        c = counts.setdefault(s.fidelity, dict.fromkeys(("structures", "energy", "forces", "stress"), 0))
+        c["structures"] += 1
+        c["energy"] += int(np.isfinite(s.energy))
+        c["forces"] += int(s.forces is not None)
+        c["stress"] += int(s.stress is not None)
+    return counts
 
 
 def _delta_base(cfg: Config, data) -> tuple | None:
