@@ -42,6 +42,7 @@ from mfmlip.simulation.md import read_log
 HIGH, LOW = "MP2", "revPBE0-D3"
 MIN_DISTANCE, OH_BROKEN = 0.6, 1.3  # Angstrom
 PAIRS = ("O-O", "O-H")
+RMAX = 5.9  # Angstrom: within half the smallest cell width of the MP2 boxes (5.92)
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nacl_water" / "MP2.extxyz"
 
 
@@ -128,6 +129,8 @@ def plot_rdfs(curves: dict, path: Path) -> Path:
         ax.set_xlabel("r (A)")
         ax.set_ylabel(f"g_{pair}(r)")
         ax.set_title(pair)
+    axes[1].set_ylim(0, 2.5)  # the intramolecular O-H peak (g ~ 35) would hide the hydrogen bonds
+    axes[1].set_title("O-H (covalent peak cut off)")
     axes[0].legend()
     return save_figure(fig, path)
 
@@ -145,9 +148,9 @@ def analyse(work: Path, data: Path, args) -> dict:
         runs[name] = r
         if name in styles:
             kept = [a for a, t in zip(frames, r["frame_time"]) if t >= skip]
-            curves[name] = (rdf(kept, PAIRS, rmax=6.0, bins=120), styles[name])
+            curves[name] = (rdf(kept, PAIRS, rmax=RMAX, bins=118), styles[name])
     reference = read(data, ":")
-    curves[f"{HIGH} reference boxes ({len(reference)})"] = (rdf(reference, PAIRS, rmax=6.0, bins=120), ":")
+    curves[f"{HIGH} reference boxes ({len(reference)})"] = (rdf(reference, PAIRS, rmax=RMAX, bins=118), ":")
     out = Path(args.output_dir)
     plot_checks(runs, out / "stability.png")
     plot_rdfs(curves, out / "rdf.png")
