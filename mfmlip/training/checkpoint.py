@@ -60,4 +60,4 @@ class LastCheckpointEveryEpoch(Checkpoint):
             return
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION))
+        trainer.save_checkpoint(os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION), weights_only=False)
