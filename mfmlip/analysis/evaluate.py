@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mfmlip.analysis.figures import save_figure
 from mfmlip import keys as K
+from mfmlip.analysis.figures import save_figure
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import collate, structure_to_graph, to_device
 from mfmlip.data.structures import Structure

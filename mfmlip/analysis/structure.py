@@ -7,7 +7,6 @@ are counted (any cell shape); distances in Angstrom, angles in degrees.
 
 from __future__ import annotations
 
-from mfmlip.analysis.figures import save_figure
 import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers
 from ase.neighborlist import neighbor_list
+
+from mfmlip.analysis.figures import save_figure
 
 #: default upper limit of rmax when none is given, Angstrom
 RMAX_CAP = 10.0
