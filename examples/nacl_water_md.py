@@ -47,10 +47,17 @@ RMAX = 5.9  # Angstrom: within half the smallest cell width of the MP2 boxes (5.
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "nacl_water" / "MP2.extxyz"
 
 
+def finished(out: Path, steps: int) -> bool:
+    try:
+        return read_log(out / "md_log.csv")["step"][-1] >= steps
+    except (OSError, ValueError):  # no log yet, or killed before its first row
+        return False
+
+
 def start_md(model, start, out: Path, fidelity, ensemble, args, threads):
     """``mfmlip md`` in the background (resumed if a checkpoint exists); None if finished."""
     steps = args.nve_steps if ensemble == "nve" else args.steps
-    if (out / "md_log.csv").is_file() and read_log(out / "md_log.csv")["step"][-1] >= steps:
+    if finished(out, steps):
         return None
     cmd = ["mfmlip", "md", str(model), str(start), "--fidelity", fidelity, "--ensemble", ensemble,
            "--timestep", str(args.timestep), "--steps", str(steps), "--seed", str(args.seed),
@@ -69,7 +76,8 @@ def start_md(model, start, out: Path, fidelity, ensemble, args, threads):
 def wait(processes) -> None:
     for p in filter(None, processes):
         if p.wait() != 0:
-            sys.exit(f"{' '.join(p.args)} failed (exit {p.returncode}); see {p.args[-1]}/stdout.log")
+            out = p.args[p.args.index("-o") + 1]
+            sys.exit(f"{' '.join(p.args)} failed (exit {p.returncode}); see {out}/stdout.log")
 
 
 def stability(frames) -> dict:

@@ -90,11 +90,11 @@ def describe_model(path: str | Path) -> str:
 
     model = load_model(path)
     meta = model.metadata
-    core = model.correction if isinstance(model, DeltaPotential) else model
-    hp = core.hparams
-    lines = [f"{path}: {sum(p.numel() for p in model.parameters())} parameters, cutoff {core.cutoff} A, "
-             f"species {[chemical_symbols[z] for z in core.species]}, scheme {hp['fidelity_scheme']}"
-             + (f", delta on {model.base_fidelity}" if isinstance(model, DeltaPotential) else ""),
+    delta = isinstance(model, DeltaPotential)
+    scheme = (model.correction if delta else model).hparams["fidelity_scheme"]
+    lines = [f"{path}: {sum(p.numel() for p in model.parameters())} parameters, cutoff {model.cutoff} A, "
+             f"species {[chemical_symbols[z] for z in model.species]}, scheme {scheme}"
+             + (f", delta on {model.base_fidelity}" if delta else ""),
              "fidelities (pass one as --fidelity):"]
     counts = meta.get("training_data", {})
     for name in model.fidelities:
