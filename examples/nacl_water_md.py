@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from ase.io import read, write
 
-from mfmlip.analysis.figures import save_figure
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.analysis.structure import rdf
 from mfmlip.simulation.md import read_log
 
@@ -112,9 +112,7 @@ def nve_drift(log: dict, n_atoms: int) -> dict:
 
 
 def plot_checks(runs: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(7, 8), sharex=True)
+    fig, axes = new_figure(3, 1, figsize=(7, 8), sharex=True)
     for name, r in runs.items():
         axes[0].plot(r["log"]["time_ps"], r["log"]["epot_eV"] / r["n_atoms"], label=name, lw=0.8)
         axes[1].plot(r["frame_time"], r["closest"], label=name, lw=0.8)
@@ -129,9 +127,7 @@ def plot_checks(runs: dict, path: Path) -> Path:
 
 
 def plot_rdfs(curves: dict, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = new_figure(1, 2, figsize=(10, 4))
     for ax, pair in zip(axes, PAIRS):
         for name, (result, style) in curves.items():
             ax.plot(result.r, result.g[pair], style, label=name, lw=1.2)

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from ase import Atoms
 from ase.build import bulk
+from ase.eos import EquationOfState
 from ase.spacegroup import crystal
 
 from mfmlip import MFCalculator
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.simulation.eos import EOSResult, equation_of_state, fit_eos, plot_eos
 
 EOS_NAMES = ("murnaghan", "birchmurnaghan")
@@ -52,14 +54,8 @@ def polymorphs() -> dict[str, Atoms]:
 
 def plot_all(results: dict[str, EOSResult], path: Path, reference: float | None) -> Path:
     """All phases in one PNG: energy above diamond's E0 (eV/atom) against volume (A^3/atom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from ase.eos import EquationOfState
-
     shift = reference if reference is not None else min(r.energies.min() for r in results.values())
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = new_figure(figsize=(5.5, 4.2))
     for (name, result), color in zip(results.items(), ("C0", "C1", "C2", "C3")):
         ax.plot(result.volumes, result.energies - shift, "o", color=color, ms=4)
         if "birchmurnaghan" in result.fits:
@@ -75,10 +71,7 @@ def plot_all(results: dict[str, EOSResult], path: Path, reference: float | None)
     ax.set_ylabel("energy above diamond E0 (eV/atom)")
     ax.set_title("Si polymorphs, mfmlip model (Birch-Murnaghan fits)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def main(model: str = "runs/silicon/model.pt", fidelity: str = "PBE", out: str = "runs/eos_silicon") -> dict:

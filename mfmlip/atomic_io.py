@@ -36,3 +36,13 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], mode: str = "wb"
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """``torch.save`` through :func:`atomic_write` (model files and checkpoints).
+
+    A kill during the write leaves any previous file at ``path`` intact.
+    """
+    import torch
+
+    atomic_write(path, lambda fh: torch.save(obj, fh))

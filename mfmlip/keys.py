@@ -16,6 +16,7 @@ SHIFTS = "shifts"  # (n_edges, 3) float integer cell shifts: r_ij = r_j - r_i + 
 BATCH = "batch"  # (n_atoms,) long, index of the structure of each atom
 N_ATOMS = "n_atoms"  # (n_graphs,) long
 FIDELITY = "fidelity"  # (n_graphs,) long, index into the model's fidelity names
+LABEL_FIDELITY = "label_fidelity"  # (n_graphs,) long, index of each label's fidelity in a list of names (evaluation)
 STRUCTURE_INDEX = "structure_index"  # (n_graphs,) long, position in the dataset (for messages)
 
 # --- labels (targets) and their masks ------------------------------------
@@ -29,3 +30,6 @@ STRESS_MASK = "stress_mask"  # (n_graphs,) bool, True where the stress label exi
 # --- model outputs (same names and units as the labels) -----------------
 ATOMIC_ENERGY = "atomic_energy"  # (n_atoms,) float, eV, including E0
 NODE_FEATURES = "node_features"  # (n_atoms, dim) invariant features after the last block
+
+# --- floating dtypes mfmlip computes in (names, as configs and the CLI take them) ---
+FLOAT_DTYPES = ("float32", "float64")

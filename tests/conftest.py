@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 
 from mfmlip.data.graph import atoms_to_batch  # noqa: E402
-from mfmlip.model import MFPotential  # noqa: E402
+from mfmlip.model import MFPotential, ModelSpec  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -58,6 +58,12 @@ def rattled_si():
 
 
 @pytest.fixture
+def data_root_from_the_config(monkeypatch):
+    """For tiny runs that give ``data.root``: MFMLIP_DATA (the reference data) would take precedence."""
+    monkeypatch.delenv("MFMLIP_DATA", raising=False)
+
+
+@pytest.fixture
 def si_cell():
     return rattled_si()
 
@@ -71,11 +77,13 @@ def ethanol():
 
 @pytest.fixture
 def make_model():
-    def _make(species=(14,), fidelities=("PBE", "SCAN"), dtype=torch.float64, seed=0, **kwargs):
+    def _make(species=(14,), fidelities=("PBE", "SCAN"), dtype=torch.float64, seed=0, e0=None, energy_scale=1.0,
+              **kwargs):
         torch.manual_seed(seed)
         options = dict(cutoff=4.0, channels=8, lmax=2, num_layers=2, avg_num_neighbors=10.0)
         options.update(kwargs)
-        return MFPotential(list(species), list(fidelities), **options).to(dtype).eval()
+        spec = ModelSpec(species=list(species), fidelities=list(fidelities), **options)
+        return MFPotential(spec, e0=e0, energy_scale=energy_scale).to(dtype).eval()
 
     return _make
 

@@ -353,3 +353,52 @@ def test_withheld_labels_are_not_trained_on_but_scored_on_test(tmp_path):
     data = prepare_data(cfg, tmp_path)
     assert all(s.forces is None for k in ("train", "val") for s in data.splits[k])
     assert all(s.forces is not None and np.isfinite(s.energy) for s in data.splits["test"])
+
+
+# --- split sizes: fractions that fit always fit ---------------------------------
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.1, 0.1), (0.7, 0.15, 0.15), (0.5, 0.25, 0.25), (1 / 3, 1 / 3, 1 / 3),
+                                       (0.6, 0.3, 0.1), (0.0, 0.5, 0.5)])
+def test_split_fractions_adding_up_to_one_always_fit(fractions):
+    for n in range(1, 80):
+        sizes = {k: len(v) for k, v in split_indices(n, *fractions).items()}
+        assert sum(sizes.values()) == n, (n, sizes)
+        for k, f in zip(("train", "val", "test"), fractions):
+            assert abs(sizes[k] - f * n) < 1, (n, sizes)  # each within one frame of its share
+    assert {k: len(v) for k, v in split_indices(35, 0.8, 0.1, 0.1).items()} == {"train": 28, "val": 3, "test": 4}
+
+
+def test_split_fractions_below_one_with_the_rest_fit_and_keep_the_test_size():
+    for n in range(1, 80):
+        sizes = {k: len(v) for k, v in split_indices(n, None, 0.5, 0.5).items()}
+        assert sum(sizes.values()) == n
+        assert len(split_indices(n, None, 0.1, 0.1)["test"]) == round(0.1 * n)  # as before: test drawn alone
+    assert len(split_indices(35, 0.7, 0.1, 0.1)["test"]) == len(split_indices(35, 0.8, 0.1, 0.1)["test"])
+
+
+def test_split_sizes_that_do_not_fit_are_named():
+    with pytest.raises(DataError, match=r"^split sizes \(train 0\.9, val 0\.1, test 0\.1\) ask for train 32, "
+                                        r"val 4, test 4: 40 frames, more than the 35 frames available$"):
+        split_indices(35, 0.9, 0.1, 0.1)
+    with pytest.raises(DataError, match=r"^split sizes must not be negative: test -5$"):
+        split_indices(100, None, 10, -5)
+
+
+def test_split_errors_name_the_data_files_entry(tmp_path):
+    from tiny_runs import write_water
+
+    from mfmlip.training.config import Config
+    from mfmlip.training.data import prepare_data
+
+    write_water(tmp_path / "a.extxyz", n=12)
+    write_water(tmp_path / "b.extxyz", n=5)
+    cfg = Config.model_validate({"data": {"files": [
+        {"path": "a.extxyz", "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
+        {"path": "b.extxyz", "split": {"train": 4, "val": 2, "test": 0}}]}})
+    with pytest.raises(DataError, match=r"^data\.files\[1\] \(b\.extxyz\): split sizes \(train 4, val 2, test 0\) "
+                                        r"ask for .*more than the 5 frames available$"):
+        prepare_data(cfg, tmp_path)
+    cfg.data.files[1].split.file = "missing.yaml"
+    with pytest.raises(DataError, match=r"^data\.files\[1\] \(b\.extxyz\): split file .*missing\.yaml: not found$"):
+        prepare_data(cfg, tmp_path)

@@ -27,24 +27,16 @@ from ase.calculators.emt import EMT
 from tiny_runs import tiny_config
 
 from mfmlip.model import load_model
-from mfmlip.simulation.md import load_checkpoint, read_log, run_md
+from mfmlip.simulation.md import MDSettings, load_checkpoint, read_log, run_md
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.run import read_metrics, train
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-    pytest.mark.filterwarnings("ignore:Experiment logs directory"),
-    pytest.mark.filterwarnings("ignore:Checkpoint directory"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _data_root_from_the_config(monkeypatch):
-    """The tiny runs give ``data.root``; MFMLIP_DATA (the reference data) would take precedence."""
-    monkeypatch.delenv("MFMLIP_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("data_root_from_the_config")
 
 EPOCHS = 12
 RTOL = 1e-6
+# kill points are random but seeded: a failure names its seed; MFMLIP_KILL_SEED=N replays it
+KILL_SEED = int(os.environ.get("MFMLIP_KILL_SEED", "20261201"))
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 
 
@@ -126,9 +118,9 @@ def test_training_killed_at_a_random_point_resumes_to_the_uninterrupted_result(n
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     # a random point: a random fraction of an epoch after the checkpoint of epoch k
-    rng = random.Random()
+    rng = random.Random(f"{KILL_SEED}-train-{name}")
     k, fraction = rng.randint(1, EPOCHS - 4), rng.random()
-    point = f"{name} {fraction:.2f} of an epoch after the checkpoint of epoch {k}"
+    point = f"{name} {fraction:.2f} of an epoch after the checkpoint of epoch {k} (MFMLIP_KILL_SEED={KILL_SEED})"
     proc = _cli("train", str(config))
     try:
         seen, first_seen, deadline = None, {}, time.monotonic() + 120
@@ -173,7 +165,7 @@ def test_kill_in_the_middle_of_a_checkpoint_write_keeps_the_previous_checkpoint(
     # last.ckpt): bytes are in the temporary file, the rename never happens. n is any write
     # after those of the first epoch.
     run_ref, writes = reference
-    n = random.Random().randint(writes.count(0) + 1, len(writes))
+    n = random.Random(f"{KILL_SEED}-write").randint(writes.count(0) + 1, len(writes))
     prelude = f"""
 import os, signal, torch
 _save, _calls = torch.save, [0]
@@ -192,7 +184,7 @@ torch.save = save
     run = tmp_path / "run"
     proc = _cli("train", str(config), prelude=prelude)
     _, err = proc.communicate(timeout=300)
-    point = f"write {n} of {len(writes)} (epoch {writes[n - 1]})"
+    point = f"write {n} of {len(writes)} (epoch {writes[n - 1]}; MFMLIP_KILL_SEED={KILL_SEED})"
     assert proc.returncode == -signal.SIGKILL, f"{point}: {err.decode()}"
     (partial,) = (run / "checkpoints").glob(".*.tmp")  # the write that was cut short
     assert partial.read_bytes() == b"HALF A CHECKPOINT"
@@ -240,7 +232,7 @@ def test_epochs_without_improvement_are_not_redone(tmp_path, monkeypatch):
 # --- MD ---------------------------------------------------------------------------
 
 MD_OPTIONS = {"temperature_K": 300, "timestep_fs": 1.0, "log_interval": 1, "trajectory_interval": 7,
-              "checkpoint_interval": 10, "progress": False, "seed": 3}
+              "checkpoint_interval": 10, "seed": 3}
 
 
 def _md_files(folder):
@@ -257,10 +249,11 @@ def test_md_killed_by_a_signal_resumes_to_the_uninterrupted_trajectory(name, tmp
     script = f"""
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from mfmlip.simulation.md import run_md
-run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", steps=10**7, **{files!r}, **{MD_OPTIONS!r})
+from mfmlip.simulation.md import MDSettings, run_md
+run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), MDSettings("nvt", steps=10**7, **{MD_OPTIONS!r}),
+       progress=False, **{files!r})
 """
-    rng = random.Random()
+    rng = random.Random(f"{KILL_SEED}-md-{name}")
     threshold, delay = rng.randint(2, 8) * 10, rng.random() * 0.05  # s
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -276,16 +269,17 @@ run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", steps=10**7
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    point = f"{name} {delay:.3f} s after the checkpoint of step {threshold}"
+    point = f"{name} {delay:.3f} s after the checkpoint of step {threshold} (MFMLIP_KILL_SEED={KILL_SEED})"
     assert proc.returncode == -sig, f"{point}: the MD process ended before it was killed"
     done = load_checkpoint(killed / "md.json")["step"]
     assert done >= threshold and done % 10 == 0, point
     target = done + 25
 
-    result = run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", steps=target, resume=True,
-                    **_md_files(killed), **MD_OPTIONS)
-    reference = run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", steps=target,
-                       **_md_files(ref), **MD_OPTIONS)
+    settings = MDSettings("nvt", steps=target, **MD_OPTIONS)
+    result = run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), settings, resume=True, progress=False,
+                    **_md_files(killed))
+    reference = run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), settings, progress=False,
+                       **_md_files(ref))
     assert (result.resumed_from, result.steps_run) == (done, 25)  # finished steps are not redone
     log, ref_log = read_log(killed / "md.csv"), read_log(ref / "md.csv")
     assert log["step"].tolist() == ref_log["step"].tolist() == list(range(target + 1))

@@ -5,8 +5,6 @@ import torch
 from mfmlip.data import collate, read_structures, structure_to_graph, to_device
 from mfmlip.training.loss import MaskedLoss
 
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-
 # two graphs: graph 0 (fidelity 0, 2 atoms), graph 1 (fidelity 1, 3 atoms)
 N_ATOMS = torch.tensor([2, 3])
 

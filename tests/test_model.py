@@ -6,7 +6,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from e3nn import o3
 
 from mfmlip import MFCalculator
-from mfmlip.model import load_model, save_model
+from mfmlip.model import ModelFileError, load_model, save_model
 from mfmlip.data.graph import atoms_to_batch
 
 from conftest import predict, rattled_si
@@ -255,20 +255,51 @@ def test_save_load_round_trip_of_float64_model_keeps_precision(make_model, si_ce
     torch.testing.assert_close(b["forces"], a["forces"], rtol=0, atol=1e-12)
 
 
-def test_load_model_rejects_missing_and_foreign_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
-        load_model(tmp_path / "nope.pt")
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not an mfmlip model file"):
-        load_model(tmp_path / "other.pt")
+def _damage(path, tmp_path, how: str):
+    """A copy of the model file at ``path``, damaged in one of the ways users meet."""
+    bad = tmp_path / f"{how}.pt"
+    raw = path.read_bytes()
+    data = torch.load(path, weights_only=False)
+    if how == "truncated":
+        bad.write_bytes(raw[: len(raw) // 2])
+    elif how == "random":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif how == "empty":
+        bad.write_bytes(b"")
+    elif how == "directory":
+        bad.mkdir()
+    elif how == "checkpoint":
+        torch.save({"state_dict": data["state_dict"], "pytorch-lightning_version": "2.6"}, bad)
+    elif how == "foreign":
+        torch.save({"weights": 1}, bad)
+    else:
+        torch.save({**data, "format_version": {"older": 2, "newer": 99}[how]}, bad)
+    return bad
 
 
-def test_load_model_refuses_an_older_format(make_model, tmp_path):
+@pytest.mark.parametrize("how, message", [
+    ("truncated", r"truncated\.pt is not a readable model file: truncated or damaged"),
+    ("random", r"random\.pt is not a readable model file: not a torch file"),
+    ("empty", r"empty\.pt is empty \(0 bytes\)"),
+    ("directory", r"directory\.pt is a directory, not a model file"),
+    ("checkpoint", r"checkpoint\.pt is a training checkpoint, not a model file"),
+    ("foreign", r"foreign\.pt is not an mfmlip model file"),
+    ("older", r"older\.pt has model format 2; this mfmlip reads format 3 .*retrain"),
+    ("newer", r"newer\.pt has model format 99, written by a newer mfmlip.*upgrade"),
+])
+def test_damaged_model_files_are_named_with_what_is_wrong(make_model, tmp_path, how, message):
     save_model(make_model(species=(14,)), tmp_path / "model.pt")
-    data = torch.load(tmp_path / "model.pt", weights_only=False)
-    torch.save({**data, "format_version": 1}, tmp_path / "old.pt")
-    with pytest.raises(ValueError, match=r"old.pt has model format 1; this mfmlip reads format 2"):
-        load_model(tmp_path / "old.pt")
+    bad = _damage(tmp_path / "model.pt", tmp_path, how)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(bad)
+    from mfmlip.cli.main import main  # the CLI says the same, exit 2, no traceback
+
+    assert main(["info", str(bad)]) == 2
+
+
+def test_missing_model_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model file .*nope\.pt not found"):
+        load_model(tmp_path / "nope.pt")
 
 
 def test_lookup_errors_name_known_entries(make_model):

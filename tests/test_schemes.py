@@ -10,7 +10,9 @@ SCHEME_NAMES = sorted(SCHEMES)
 
 
 def _model(make_model, scheme):
-    model = make_model(species=(14,), fidelity_scheme=scheme, fidelity_dim=4, e0=[[-5.0], [-5.0]])
+    options = {"dim": 4} if "dim" in SCHEMES[scheme].OPTIONS else {}
+    model = make_model(species=(14,), fidelity_scheme=scheme, e0=[[-5.0], [-5.0]],
+                       **{f"fidelity_{k}": v for k, v in options.items()})
     with torch.no_grad():  # make the fidelity parameters non-trivial
         for p in model.fidelity.parameters():
             p.normal_()

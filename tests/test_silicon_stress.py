@@ -25,12 +25,6 @@ from mfmlip.training.run import read_metrics, train
 
 from tiny_runs import tiny_config
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-    pytest.mark.filterwarnings("ignore:Experiment logs directory"),
-    pytest.mark.filterwarnings("ignore:Checkpoint directory"),
-]
-
 KBAR = 6.2415091e-4  # 1 kBar = 0.1 GPa in eV/Angstrom^3 (ASE uses CODATA 2014; 1e-8 relative differences)
 
 

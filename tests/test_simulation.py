@@ -15,11 +15,11 @@ from ase.units import GPa, kB
 
 from mfmlip import MFCalculator
 from mfmlip.cli.main import main
-from mfmlip.model import MFPotential, save_model
+from mfmlip.model import MFPotential, ModelSpec, save_model
 from mfmlip import atomic_io
 from mfmlip.simulation import md as md_module
 from mfmlip.simulation.eos import equation_of_state
-from mfmlip.simulation.md import LOG_COLUMNS, load_checkpoint, read_log, run_md
+from mfmlip.simulation.md import LOG_COLUMNS, MDSettings, load_checkpoint, read_log, run_md
 from mfmlip.simulation.relax import max_force, relax
 
 # ASE's own reference for Cu with EMT: the calculate_eos doctest gives a = 3.589825 A
@@ -167,8 +167,9 @@ def md_files(folder, name="md"):
 def test_md_runs_and_logs_every_ensemble(name, tmp_path):
     options = ENSEMBLES[name]
     atoms = cu()
-    result = run_md(atoms, EMT(), timestep_fs=1.0, steps=20, log_interval=5, trajectory_interval=10,
-                    checkpoint_interval=10, progress=False, seed=1, **md_files(tmp_path), **options)
+    settings = MDSettings(timestep_fs=1.0, steps=20, log_interval=5, trajectory_interval=10, checkpoint_interval=10,
+                          seed=1, **options)
+    result = run_md(atoms, EMT(), settings, progress=False, **md_files(tmp_path))
     assert (result.steps, result.steps_run, result.resumed_from) == (20, 20, None)
     with open(tmp_path / "md.csv") as fh:
         assert fh.readline().strip() == ",".join(LOG_COLUMNS)
@@ -198,8 +199,8 @@ def test_md_runs_and_logs_every_ensemble(name, tmp_path):
 
 
 def test_nve_conserves_energy_with_emt(tmp_path):
-    result = run_md(cu(), EMT(), "nve", temperature_K=300, timestep_fs=1.0, steps=300, logfile=tmp_path / "nve.csv",
-                    log_interval=5, progress=False, seed=2)
+    settings = MDSettings("nve", temperature_K=300, timestep_fs=1.0, steps=300, log_interval=5, seed=2)
+    result = run_md(cu(), EMT(), settings, logfile=tmp_path / "nve.csv", progress=False)
     log = read_log(result.log)
     n = len(result.atoms)
     drift = np.abs(log["etot_eV"] - log["etot_eV"][0]).max() / n
@@ -215,8 +216,9 @@ def test_nve_conserves_energy_with_emt(tmp_path):
 def test_npt_compresses_to_the_target_pressure(barostat, tmp_path):
     options = dict(pdamp_fs=50) if barostat == "mtk" else dict(pdamp_fs=100, compressibility_per_GPa=0.0075)
     start = cu()
-    result = run_md(start, EMT(), "npt", temperature_K=300, pressure_GPa=10.0, timestep_fs=2.0, steps=150,
-                    logfile=tmp_path / "npt.csv", log_interval=5, barostat=barostat, progress=False, **options)
+    settings = MDSettings("npt", temperature_K=300, pressure_GPa=10.0, timestep_fs=2.0, steps=150, log_interval=5,
+                          barostat=barostat, **options)
+    result = run_md(start, EMT(), settings, logfile=tmp_path / "npt.csv", progress=False)
     log = read_log(result.log)
     late = log["step"] >= 75
     # EMT Cu, B ~ 134 GPa: 10 GPa squeezes the volume by ~6%
@@ -228,11 +230,12 @@ def test_npt_compresses_to_the_target_pressure(barostat, tmp_path):
 @pytest.mark.parametrize("name", ["nve", "nvt-langevin", "nvt-nose-hoover", "npt-mtk"])
 def test_resumed_run_equals_an_uninterrupted_one(name, tmp_path):
     options = dict(ENSEMBLES[name], timestep_fs=1.0, log_interval=3, trajectory_interval=5, checkpoint_interval=4,
-                   progress=False, seed=7)
-    full = run_md(cu(), EMT(), steps=30, **md_files(tmp_path, "full"), **options)
-    first = run_md(cu(), EMT(), steps=12, **md_files(tmp_path, "part"), **options)
+                   seed=7)
+    full = run_md(cu(), EMT(), MDSettings(steps=30, **options), progress=False, **md_files(tmp_path, "full"))
+    first = run_md(cu(), EMT(), MDSettings(steps=12, **options), progress=False, **md_files(tmp_path, "part"))
     assert first.steps == 12
-    second = run_md(cu(), EMT(), steps=30, resume=True, **md_files(tmp_path, "part"), **options)
+    second = run_md(cu(), EMT(), MDSettings(steps=30, **options), resume=True, progress=False,
+                    **md_files(tmp_path, "part"))
     assert (second.steps, second.steps_run, second.resumed_from) == (30, 18, 12)
     np.testing.assert_allclose(second.atoms.positions, full.atoms.positions, rtol=0, atol=1e-10)
     np.testing.assert_allclose(second.atoms.get_momenta(), full.atoms.get_momenta(), rtol=0, atol=1e-10)
@@ -243,7 +246,8 @@ def test_resumed_run_equals_an_uninterrupted_one(name, tmp_path):
     frames = ase.io.read(tmp_path / "part.traj", ":")
     assert [f.info["step"] for f in frames] == [0, 5, 10, 15, 20, 25, 30]
     # running again asks for nothing new
-    again = run_md(cu(), EMT(), steps=30, resume=True, **md_files(tmp_path, "part"), **options)
+    again = run_md(cu(), EMT(), MDSettings(steps=30, **options), resume=True, progress=False,
+                   **md_files(tmp_path, "part"))
     assert (again.steps, again.steps_run) == (30, 0)
     assert read_log(tmp_path / "part.csv")["step"].tolist() == log_full["step"].tolist()
 
@@ -263,11 +267,11 @@ class CrashingEMT(EMT):
 
 
 def test_crashed_run_resumes_from_its_checkpoint_without_repeating_steps(tmp_path):
-    options = dict(ensemble="nvt", temperature_K=500, timestep_fs=1.0, log_interval=1, trajectory_interval=2,
-                   checkpoint_interval=10, progress=False, seed=5)
-    reference = run_md(cu(), EMT(), steps=40, **md_files(tmp_path, "ref"), **options)
+    settings = MDSettings("nvt", temperature_K=500, timestep_fs=1.0, steps=40, log_interval=1, trajectory_interval=2,
+                          checkpoint_interval=10, seed=5)
+    reference = run_md(cu(), EMT(), settings, progress=False, **md_files(tmp_path, "ref"))
     with pytest.raises(KeyboardInterrupt):
-        run_md(cu(), CrashingEMT(crash_at=27), steps=40, **md_files(tmp_path), **options)
+        run_md(cu(), CrashingEMT(crash_at=27), settings, progress=False, **md_files(tmp_path))
     checkpoint_step = load_checkpoint(tmp_path / "md.json")["step"]
     logged = read_log(tmp_path / "md.csv")["step"]
     framed = [f.info["step"] for f in ase.io.read(tmp_path / "md.traj", ":")]
@@ -275,7 +279,7 @@ def test_crashed_run_resumes_from_its_checkpoint_without_repeating_steps(tmp_pat
     assert checkpoint_step % 10 == 0 and 0 < checkpoint_step < logged.max() < 40
     assert max(framed) > checkpoint_step
 
-    result = run_md(cu(), EMT(), steps=40, resume=True, **md_files(tmp_path), **options)
+    result = run_md(cu(), EMT(), settings, resume=True, progress=False, **md_files(tmp_path))
     assert (result.resumed_from, result.steps_run, result.steps) == (checkpoint_step, 40 - checkpoint_step, 40)
     log = read_log(tmp_path / "md.csv")
     assert log["step"].tolist() == list(range(41))  # every step exactly once
@@ -290,10 +294,11 @@ def test_killed_process_resumes(tmp_path):
     script = f"""
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from mfmlip.simulation.md import run_md
-run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", temperature_K=300, timestep_fs=1.0,
-       steps=10**7, logfile="{folder}/md.csv", trajectory="{folder}/md.traj", checkpoint="{folder}/md.json",
-       log_interval=1, trajectory_interval=7, checkpoint_interval=25, progress=False, seed=3)
+from mfmlip.simulation.md import MDSettings, run_md
+run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(),
+       MDSettings("nvt", temperature_K=300, timestep_fs=1.0, steps=10**7, log_interval=1, trajectory_interval=7,
+                  checkpoint_interval=25, seed=3),
+       logfile="{folder}/md.csv", trajectory="{folder}/md.traj", checkpoint="{folder}/md.json", progress=False)
 """
     proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -309,34 +314,35 @@ run_md(bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2), EMT(), "nvt", temperature
     checkpoint_step = load_checkpoint(tmp_path / "md.json")["step"]
     assert checkpoint_step >= 50 and checkpoint_step % 25 == 0
     target = checkpoint_step + 30
-    result = run_md(cu(), EMT(), "nvt", temperature_K=300, timestep_fs=1.0, steps=target, resume=True,
-                    log_interval=1, trajectory_interval=7, checkpoint_interval=25, progress=False, seed=3,
-                    **md_files(tmp_path))
+    settings = MDSettings("nvt", temperature_K=300, timestep_fs=1.0, steps=target, log_interval=1,
+                          trajectory_interval=7, checkpoint_interval=25, seed=3)
+    result = run_md(cu(), EMT(), settings, resume=True, progress=False, **md_files(tmp_path))
     assert result.resumed_from == checkpoint_step and result.steps == target
     assert read_log(tmp_path / "md.csv")["step"].tolist() == list(range(target + 1))
     assert [f.info["step"] for f in ase.io.read(tmp_path / "md.traj", ":")] == list(range(0, target + 1, 7))
 
 
 def test_resume_edge_cases(tmp_path, capsys):
-    options = dict(ensemble="nvt", temperature_K=300, timestep_fs=1.0, progress=False, **md_files(tmp_path))
+    options = dict(ensemble="nvt", temperature_K=300, timestep_fs=1.0)
+    files = dict(progress=False, **md_files(tmp_path))
     # no checkpoint yet: a new run, said so
-    result = run_md(cu(), EMT(), steps=5, resume=True, **options)
+    result = run_md(cu(), EMT(), MDSettings(steps=5, **options), resume=True, **files)
     assert result.resumed_from is None and result.steps == 5
     assert "no checkpoint" in capsys.readouterr().out
     with pytest.raises(ValueError, match="timestep_fs=1.0, now 2.0"):
-        run_md(cu(), EMT(), steps=10, resume=True, **dict(options, timestep_fs=2.0))
+        run_md(cu(), EMT(), MDSettings(steps=10, **dict(options, timestep_fs=2.0)), resume=True, **files)
     with pytest.raises(ValueError, match="method='langevin', now 'nose-hoover'"):
-        run_md(cu(), EMT(), steps=10, resume=True, thermostat="nose-hoover", **options)
+        run_md(cu(), EMT(), MDSettings(steps=10, thermostat="nose-hoover", **options), resume=True, **files)
     with pytest.raises(ValueError, match="holds Cu32, not the given structure Cu4"):
-        run_md(cu(repeat=1), EMT(), steps=10, resume=True, **options)
+        run_md(cu(repeat=1), EMT(), MDSettings(steps=10, **options), resume=True, **files)
     # without resume the old run is replaced
-    result = run_md(cu(), EMT(), steps=3, **options)
+    result = run_md(cu(), EMT(), MDSettings(steps=3, **options), **files)
     assert result.steps == 3 and read_log(tmp_path / "md.csv")["step"].tolist() == [0, 3]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     files = md_files(tmp_path)
-    run_md(cu(), EMT(), "nve", temperature_K=100, steps=4, progress=False, **files)
+    run_md(cu(), EMT(), MDSettings("nve", temperature_K=100, steps=4), progress=False, **files)
     before = (tmp_path / "md.json").read_text()
 
     def failing_replace(src, dst):
@@ -354,15 +360,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_md_errors():
     with pytest.raises(ValueError, match="nvt needs a temperature > 0 K"):
-        run_md(cu(), EMT(), "nvt", steps=1, progress=False)
+        run_md(cu(), EMT(), MDSettings("nvt", steps=1), progress=False)
     with pytest.raises(ValueError, match="unknown ensemble 'nph'"):
-        run_md(cu(), EMT(), "nph", temperature_K=300, steps=1, progress=False)
+        run_md(cu(), EMT(), MDSettings("nph", temperature_K=300, steps=1), progress=False)
     with pytest.raises(ValueError, match="npt needs a 3D-periodic structure"):
-        run_md(molecule("H2O"), EMT(), "npt", temperature_K=300, steps=1, progress=False)
+        run_md(molecule("H2O"), EMT(), MDSettings("npt", temperature_K=300, steps=1), progress=False)
     with pytest.raises(ValueError, match="unknown barostat"):
-        run_md(cu(), EMT(), "npt", temperature_K=300, barostat="parrinello", steps=1, progress=False)
+        run_md(cu(), EMT(), MDSettings("npt", temperature_K=300, barostat="parrinello", steps=1), progress=False)
     with pytest.raises(ValueError, match="timestep must be > 0"):
-        run_md(cu(), EMT(), "nve", timestep_fs=0, steps=1, progress=False)
+        run_md(cu(), EMT(), MDSettings("nve", timestep_fs=0, steps=1), progress=False)
+    with pytest.raises(TypeError, match="settings must be an MDSettings, got str"):
+        run_md(cu(), EMT(), "nvt", progress=False)
 
 
 # --- the command line, on a tiny model file --------------------------------
@@ -374,8 +382,9 @@ def tiny_si_model():
     grid = np.linspace(4.0, 7.0, 13)
     for seed in range(10):
         torch.manual_seed(seed)
-        model = MFPotential([14], ["PBE", "SCAN"], cutoff=4.0, channels=8, lmax=1, num_layers=1,
-                            avg_num_neighbors=10.0).double().eval()
+        spec = ModelSpec(species=[14], fidelities=["PBE", "SCAN"], cutoff=4.0, channels=8, lmax=1,
+                         num_layers=1, avg_num_neighbors=10.0)
+        model = MFPotential(spec).double().eval()
         calc = MFCalculator(model, fidelity="SCAN")
         energies = []
         for a in grid:

@@ -1,14 +1,19 @@
 import csv
 
 import ase.io
+import matplotlib
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, molecule
 from ase.geometry.rdf import get_rdf
 
+from mfmlip.analysis.evaluate import parity_plot
 from mfmlip.analysis.structure import adf, coordination, parse_species, rdf
 from mfmlip.cli.main import main
+from mfmlip.sampling import plot_selection, sample
+from mfmlip.simulation.eos import EOSResult, fit_eos, plot_eos
+from mfmlip.study.report import learning_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -240,6 +245,38 @@ def test_csv_and_png_writers(tmp_path):
     for result, name in ((g, "rdf.png"), (a, "adf.png"), (c, "cn.png")):
         path = result.plot(tmp_path / "plots" / name)
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+@pytest.fixture
+def svg_backend():
+    """The user's backend is svg for the test, restored after it."""
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield "svg"
+    matplotlib.use(before)
+
+
+def test_plotting_functions_leave_the_backend_alone(svg_backend, tmp_path):
+    rng = np.random.default_rng(0)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    volumes = np.linspace(10.0, 14.0, 7)
+    eos = EOSResult(volumes, 0.05 * (volumes - 12.0) ** 2 - 3.0, np.ones(7, bool), n_atoms=1)
+    ref = rng.normal(size=50)
+    row = {"method": "heads", "selection": "random", "fraction": 0.1, "seed": 0, "n_high": 10, "status": "done",
+           "energy_mae": 5.0, "forces_mae": ""}
+    plots = {
+        "rdf": lambda p: rdf(atoms, ["Cu-Cu"], bins=20).plot(p),
+        "adf": lambda p: adf(atoms, "Cu-Cu-Cu", 3.0).plot(p),
+        "coordination": lambda p: coordination(atoms, "Cu-Cu", 3.0).plot(p),
+        "eos": lambda p: plot_eos(fit_eos(eos, ["birchmurnaghan"]), p),
+        "parity": lambda p: parity_plot({"PBE": {"energy": (ref + 0.01, ref), "forces": (ref, ref)}}, p),
+        "learning_curve": lambda p: learning_curve([row], p, "study"),
+        "selection": lambda p: plot_selection(sample(rng.normal(size=(40, 4)), 8, seed=0), p),
+    }
+    for name, plot in plots.items():
+        path = plot(tmp_path / f"{name}.png")
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+        assert matplotlib.get_backend() == svg_backend, f"{name} switched the backend"
 
 
 def test_cli_analysis_commands(tmp_path, capsys):

@@ -19,8 +19,6 @@ from mfmlip.cli.main import main
 from mfmlip.study import load_study
 from mfmlip.study.plan import CachedReader, fingerprint, plan_study
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec"), pytest.mark.filterwarnings("ignore:Checkpoint")]
-
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "examples" / "studies"
 TINY_QUICK = {"test": 40, "pool": 40, "low_max": 80, "max_steps": 6, "seeds": [0],

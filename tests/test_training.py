@@ -11,15 +11,9 @@ import yaml
 from mfmlip import MFCalculator
 from mfmlip.cli.main import main
 from mfmlip.model import load_model
-from mfmlip.model.serialization import atomic_torch_save
+from mfmlip.atomic_io import atomic_torch_save
 from mfmlip.training.run import read_metrics
 from mfmlip.training.checkpoint import AtomicCheckpointIO
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
-    pytest.mark.filterwarnings("ignore:Experiment logs directory"),
-    pytest.mark.filterwarnings("ignore:Checkpoint directory"),
-]
 
 XTB, CCSDT = "GFN2-xTB", "CCSD(T)/CBS"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,6 +114,7 @@ def test_cli_info_lists_fidelities_with_their_training_labels(trained, capsys):
     assert "species ['H', 'C', 'O'], scheme one_hot_linear" in out
     assert f"'{CCSDT}': 120 training structures (120 energies, 0 forces, 0 stresses); E0 (eV): H " in out
     assert f"'{XTB}': {counts[XTB]['structures']} training structures" in out
+    assert "model spec: cutoff=4.0, channels=" in out and "avg_num_neighbors=" in out
 
 
 def test_test_metrics_report_ccsdt_energy_mae(trained):

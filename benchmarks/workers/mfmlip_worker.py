@@ -51,14 +51,13 @@ class MfmlipAdapter(common.Adapter):
     def build(self, species, stats, cfg):
         import torch
 
-        from mfmlip.model.potential import MFPotential
+        from mfmlip.model import MFPotential, ModelSpec
 
-        model = MFPotential(
-            species, [FIDELITY], cutoff=cfg["cutoff"], channels=cfg["channels"], lmax=cfg["lmax"],
-            num_layers=cfg["layers"], avg_num_neighbors=stats["avg_num_neighbors"],
-            energy_scale=stats["scale"],
-            e0=torch.full((1, len(species)), 0.0),
+        spec = ModelSpec(
+            species=species, fidelities=[FIDELITY], cutoff=cfg["cutoff"], channels=cfg["channels"],
+            lmax=cfg["lmax"], num_layers=cfg["layers"], avg_num_neighbors=stats["avg_num_neighbors"],
         )
+        model = MFPotential(spec, e0=torch.full((1, len(species)), 0.0), energy_scale=stats["scale"])
         # the per-atom shift (about 0 after the E0 fit) goes into E0, as in mfmlip's training
         model.e0 += stats["shift"]
         return model.to(torch.float32)

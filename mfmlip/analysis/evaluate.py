@@ -9,15 +9,14 @@ import numpy as np
 import torch
 
 from mfmlip import keys as K
-from mfmlip.analysis.figures import save_figure
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.analysis.metrics import MetricAccumulator
-from mfmlip.data.graph import collate, structure_to_graph, to_device
 from mfmlip.data.structures import Structure
-from mfmlip.model.potential import MFPotential
+from mfmlip.model.inference import Predictor, label_fidelity
 
 
 def evaluate(
-    model: MFPotential,
+    model,
     structures: list[Structure],
     fidelity: str | None = None,
     batch_size: int = 64,
@@ -28,6 +27,7 @@ def evaluate(
 
     Parameters
     ----------
+    model : a :class:`~mfmlip.model.interface.Potential` or a model file path.
     fidelity : predict all structures at this fidelity; if None, each at its own.
     stress : also predict stress; default: when any structure has a stress label.
 
@@ -40,17 +40,24 @@ def evaluate(
     Raises
     ------
     ValueError
-        Unknown fidelity or element.
+        No structures, or an unknown fidelity or element.
     """
+    if not structures:
+        raise ValueError("no structures to evaluate")
     if stress is None:
         stress = any(s.stress is not None for s in structures)
     names = list(dict.fromkeys(s.fidelity for s in structures))
+    groups = {fidelity: structures} if fidelity is not None else {
+        name: [s for s in structures if s.fidelity == name] for name in names
+    }
+    predictor = Predictor(model, next(iter(groups), None), device)
     acc = MetricAccumulator(names)
     pairs = defaultdict(lambda: defaultdict(lambda: ([], [])))
-    for chunk, batch, pred in predict_batches(model, structures, fidelity, batch_size, device, stress):
-        label_batch = dict(batch, **{K.FIDELITY: torch.tensor([names.index(s.fidelity) for s in chunk], device=device)})
-        acc.update(pred, label_batch)
-        _collect(pairs, pred, batch, chunk, _e0_sum(model, batch))
+    for name, group in groups.items():
+        predictor.set_fidelity(name)
+        for chunk, batch, pred in predictor.predict(group, batch_size, stress=stress):
+            acc.update(pred, label_fidelity(batch, chunk, names))
+            _collect(pairs, pred, batch, chunk, _e0_sum(predictor.model, batch))
     arrays = {
         fid: {q: (np.concatenate(p), np.concatenate(r)) for q, (p, r) in d.items() if p}
         for fid, d in pairs.items()
@@ -58,34 +65,7 @@ def evaluate(
     return acc.compute(), arrays
 
 
-def predict_batches(model, structures: list[Structure], fidelity: str | None = None, batch_size: int = 64,
-                    device: str | torch.device = "cpu", stress: bool = False):
-    """Yield ``(structures, batch, prediction)`` chunk by chunk, predicted at
-    ``fidelity`` (each structure at its own if None); prediction keys and shapes
-    as :meth:`MFPotential.forward`, detached; the batch carries the labels.
-
-    Raises
-    ------
-    ValueError
-        Unknown fidelity or element.
-    """
-    model = model.to(device).eval()
-    forced = None if fidelity is None else model.fidelity_index(fidelity)
-    for start in range(0, len(structures), batch_size):
-        chunk = structures[start : start + batch_size]
-        graphs = [
-            structure_to_graph(s, model.cutoff, forced if forced is not None else model.fidelity_index(s.fidelity))
-            for s in chunk
-        ]
-        batch = to_device(collate(graphs), device, model.dtype)
-        try:
-            pred = model(batch, compute_forces=True, compute_stress=stress)
-        except ValueError as err:  # e.g. an unknown element: say which structures
-            raise ValueError(f"{chunk[0].source} .. {chunk[-1].source}: {err}") from err
-        yield chunk, batch, {k: v.detach() for k, v in pred.items()}
-
-
-def _e0_sum(model: MFPotential, batch: dict) -> torch.Tensor:
+def _e0_sum(model, batch: dict) -> torch.Tensor:
     """(n_graphs,) sum of the E0 of each structure's atoms at its fidelity, eV."""
     fid_atom = batch[K.FIDELITY][batch[K.BATCH]]
     e0_atom = model.e0[fid_atom, model.species_index(batch[K.ATOMIC_NUMBERS])].to(batch[K.ENERGY].dtype)
@@ -114,14 +94,9 @@ def _collect(pairs, pred, batch, chunk, e0_sum) -> None:
 def parity_plot(pairs: dict, path: str | Path, title: str = "") -> Path:
     """One PNG: a row per label fidelity, energy (meV/atom above the E0
     reference, so composition does not dominate) and force (eV/Angstrom) parity panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = list(pairs)
     columns = [q for q in ("energy", "forces") if any(q in pairs[f] for f in rows)]
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(4.5 * len(columns), 4.2 * len(rows)), squeeze=False)
+    fig, axes = new_figure(len(rows), len(columns), figsize=(4.5 * len(columns), 4.2 * len(rows)), squeeze=False)
     for row, fid in enumerate(rows):
         for col, q in enumerate(columns):
             ax = axes[row, col]

@@ -36,8 +36,10 @@ class MetricAccumulator:
             self.largest[(fidelity, quantity)] = max(self.largest[(fidelity, quantity)], float(e.abs().max()))
 
     def update(self, pred: dict, batch: dict) -> None:
-        """Accumulate the errors of one batch, by each structure's fidelity."""
-        fid = batch[K.FIDELITY]
+        """Accumulate the errors of one batch, by each structure's label fidelity:
+        ``batch["label_fidelity"]`` if given (evaluation at another fidelity),
+        else ``batch["fidelity"]``; both index ``self.fidelities``."""
+        fid = batch.get(K.LABEL_FIDELITY, batch[K.FIDELITY])
         atom_fid = fid[batch[K.BATCH]]
         for f in fid.unique().tolist():
             g, a = fid == f, atom_fid == f

@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.data import atomic_numbers
 from ase.neighborlist import neighbor_list
 
-from mfmlip.analysis.figures import save_figure
+from mfmlip.analysis.figures import new_figure, save_figure
 
 #: default upper limit of rmax when none is given, Angstrom
 RMAX_CAP = 10.0
@@ -55,7 +55,7 @@ class RDFResult:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """PNG of g(r) for every pair."""
-        fig, ax, plt = _figure()
+        fig, ax = new_figure(figsize=(5.5, 4))
         for pair, g in self.g.items():
             ax.plot(self.r, g, label=pair)
         ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
@@ -115,7 +115,7 @@ class ADFResult:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """PNG of the angle density."""
-        fig, ax, plt = _figure()
+        fig, ax = new_figure(figsize=(5.5, 4))
         ax.plot(self.angles, self.density)
         ax.set_xlabel(f"angle {self.name} (degrees)")
         ax.set_ylabel("probability density (1/degree)")
@@ -171,7 +171,7 @@ class CoordinationResult:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """PNG bar chart of the fractions."""
-        fig, ax, plt = _figure()
+        fig, ax = new_figure(figsize=(5.5, 4))
         ax.bar(self.values, self.fraction)
         ax.set_xlabel(f"coordination number {self.name} (cutoff {self.cutoff:g} A)")
         ax.set_ylabel("fraction of atoms")
@@ -425,15 +425,3 @@ def _write_csv(path, header, columns) -> Path:
         for row in zip(*columns):
             writer.writerow([f"{v:.8g}" if isinstance(v, float | np.floating) else int(v) for v in row])
     return path
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    return fig, ax, plt
-
-

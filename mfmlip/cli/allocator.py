@@ -1,20 +1,49 @@
-"""Run the command line under tcmalloc when the machine has it.
+"""The memory allocator of the command line: tcmalloc when the machine has it,
+else glibc's malloc tuned to keep freed memory.
 
 PyTorch on CPU allocates and frees many short-lived tensors; glibc's malloc
-returns that memory to the system and faults it in again. With tcmalloc
-preloaded, training on NaCl-water ran 1.66x and ASE inference 1.34x faster in
-``benchmarks/speed.py`` (docs/benchmarks/report.md). An allocator can only be
-preloaded when a process starts, so the ``mfmlip`` command re-executes itself
-once. ``MFMLIP_ALLOCATOR=system`` turns this off.
+returns large blocks to the system and faults them in again.
+:func:`tune_glibc_malloc` stops that in-process (no extra package); tcmalloc
+(Debian ``libtcmalloc-minimal4``) can only be preloaded when a process
+starts, so the ``mfmlip`` command re-executes itself once when it is
+installed. ``MFMLIP_ALLOCATOR=system`` turns both off. Measured in
+``benchmarks/allocator.py`` (docs/benchmarks/allocator.md).
 """
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 import sys
 
 ENV = "MFMLIP_ALLOCATOR"
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def tune_glibc_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the system.
+
+    By default glibc serves blocks above 128 kB-32 MB with ``mmap`` and gives
+    them back on ``free``, so a training step that frees and re-allocates the
+    same large tensors faults in fresh zeroed pages every time
+    (``benchmarks/allocator.py`` counts them). Raising the mmap and trim
+    thresholds (bytes) keeps those pages mapped for reuse: the process's
+    resident memory stays at its peak instead.
+
+    Returns
+    -------
+    bool
+        True when glibc accepted every setting; False on other C libraries.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold), (M_TOP_PAD, top_pad))
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def find_tcmalloc() -> str | None:

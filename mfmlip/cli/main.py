@@ -6,36 +6,85 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from pathlib import Path
 
-from mfmlip.cli.allocator import reexec_with_tcmalloc
+from mfmlip.cli import types
+from mfmlip.cli.allocator import ENV as ALLOCATOR_ENV
+from mfmlip.cli.allocator import reexec_with_tcmalloc, tune_glibc_malloc
 from mfmlip.cli.sample import add_parsers as add_sample_parsers
 from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
 from mfmlip.cli.study import add_parsers as add_study_parsers
+
+TRACEBACK_ENV = "MFMLIP_TRACEBACK"  # set to 1: unexpected errors end in their traceback
 
 
 def _train(args) -> None:
     from mfmlip.training.run import train
 
-    train(args.config, data_root=args.data_root, resume=args.resume)
+    train(args.config, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite)
+
+
+def _no_labels(args) -> str:
+    """The message for a data file without energy or force labels."""
+    from mfmlip.data.structures import frame_keys
+
+    keys = frame_keys(args.data, args.index)
+    return (f"{args.data}: no frame (index {args.index!r}) has an energy or force label under "
+            f"--energy-key {args.energy_key!r} or --forces-key {args.forces_key!r}; the frames have "
+            f"{', '.join(keys) or 'no labels'}. Name the keys, or give --predictions-only to write the "
+            "model's predictions without metrics")
+
+
+def _write_predictions(model, structures, args, path: Path) -> Path:
+    """Predicted energies (eV) and forces (eV/A) of every structure, as extxyz."""
+    import ase.io
+    import torch
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mfmlip import keys as K
+    from mfmlip.atomic_io import atomic_write
+    from mfmlip.model.inference import Predictor
+
+    frames = []
+    for chunk, batch, pred in Predictor(model, args.fidelity, args.device).predict(structures, args.batch_size):
+        forces = torch.split(pred[K.FORCES].double().cpu(), batch[K.N_ATOMS].tolist())
+        for s, energy, f in zip(chunk, pred[K.ENERGY].double().cpu().tolist(), forces, strict=True):
+            atoms = Atoms(numbers=s.atomic_numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
+            atoms.info.update(fidelity=args.fidelity, source_index=s.frame)
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=f.numpy())
+            frames.append(atoms)
+    atomic_write(path, lambda fh: ase.io.write(fh, frames, format="extxyz"), mode="w")
+    return path
 
 
 def _evaluate(args) -> None:
     from mfmlip.analysis.evaluate import evaluate, parity_plot
     from mfmlip.analysis.metrics import format_table
-    from mfmlip.data.structures import read_structures
+    from mfmlip.data.structures import DataError, read_structures
     from mfmlip.model.serialization import load_model
 
     model = load_model(args.model, device=args.device)
     model.fidelity_index(args.fidelity)  # clear error before reading data
-    structures = read_structures(args.data, args.index, fidelity=args.fidelity)
-    metrics, pairs = evaluate(model, structures, args.fidelity, args.batch_size, args.device)
-    print(format_table(metrics, f"{args.data} predicted at fidelity {args.fidelity}:"))
+    structures = read_structures(args.data, args.index, fidelity=args.fidelity, energy_key=args.energy_key,
+                                 forces_key=args.forces_key)
+    labelled = any(s.forces is not None or math.isfinite(s.energy) for s in structures)
+    unknown = {int(z) for s in structures for z in s.atomic_numbers} - set(model.species)
+    if not (labelled or args.predictions_only or unknown):  # unknown elements: evaluate names them first
+        raise DataError(_no_labels(args))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{Path(args.data).stem}_{args.fidelity}")
+    if args.predictions_only:
+        path = _write_predictions(model, structures, args, out / f"predictions_{tag}.extxyz")
+        print(f"predictions of {len(structures)} structures at fidelity {args.fidelity} written to {path}")
+        return
+    metrics, pairs = evaluate(model, structures, args.fidelity, args.batch_size, args.device)
+    print(format_table(metrics, f"{args.data} predicted at fidelity {args.fidelity}:"))
     (out / f"metrics_{tag}.json").write_text(json.dumps(metrics, indent=2))
     png = parity_plot(pairs, out / f"parity_{tag}.png", f"{Path(args.data).name} at {args.fidelity}")
     print(f"parity plot written to {png}")
@@ -58,16 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--data-root", help="folder data paths resolve against (else $MFMLIP_DATA, "
                    "data.root, or ../shared/data from the repository root)")
-    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt "
+                       "(the config may not change the model or the data)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in output_dir (its checkpoints, logs and model.pt are deleted)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics and parity plot of a model on labelled data")
     p.add_argument("model", help="model file (model.pt) written by mfmlip train")
     p.add_argument("data", help="ASE-readable file with reference energies/forces")
     p.add_argument("--fidelity", required=True, help="fidelity to predict at")
-    p.add_argument("--index", default=":", help="ASE index of frames to use (default all)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--index", type=types.ase_index, default=":", help="ASE index of frames to use (default all)")
+    p.add_argument("--batch-size", type=types.positive_int, default=64)
+    p.add_argument("--device", type=types.device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--energy-key", default="energy", help="name of the energy label in the file (default energy)")
+    p.add_argument("--forces-key", default="forces", help="name of the force label in the file (default forces)")
+    p.add_argument("--predictions-only", action="store_true", help="no metrics: write the predicted energies "
+                   "and forces as OUTPUT_DIR/predictions_DATA_FIDELITY.extxyz (for unlabelled data)")
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("info", help="a model file's fidelities (names for --fidelity), species, cutoff, E0s")
@@ -81,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; ``argv=None`` (the console script) reads ``sys.argv`` and may
-    re-execute under tcmalloc first (:mod:`mfmlip.cli.allocator`)."""
+    """Run one command; ``argv=None`` (the console script) reads ``sys.argv``, may
+    re-execute under tcmalloc first and otherwise tunes glibc's allocator
+    (:mod:`mfmlip.cli.allocator`)."""
     args = build_parser().parse_args(argv)
     if argv is None:
         reexec_with_tcmalloc(sys.argv[1:])
+        if not os.environ.get(ALLOCATOR_ENV):
+            tune_glibc_malloc()
     from mfmlip.data.structures import DataError
     from mfmlip.training.config import ConfigError
 
@@ -94,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, OSError, FloatingPointError, ValueError) as err:
         print(f"mfmlip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not bad input: say what, not a raw traceback
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"mfmlip {args.command}: unexpected error: {type(err).__name__}: {err} "
+              f"(set {TRACEBACK_ENV}=1 to see where; please report it)", file=sys.stderr)
+        return 1
     return 0
 
 

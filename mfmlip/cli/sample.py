@@ -13,17 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mfmlip.cli import types
+from mfmlip.sampling.select import METHODS, PICKS, POOLINGS
+
 INDEX_KEY = "source_index"
 
 
 def _read_candidates(path: str, index: str):
     """(atoms list, frame numbers in the file), errors naming the file."""
-    from mfmlip.data.structures import DataError, _read_frames
+    from mfmlip.data.structures import DataError, read_frames
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"candidates file {path} not found")
     try:
-        frames, numbers = _read_frames(Path(path), index)
+        frames, numbers = read_frames(Path(path), index)
     except Exception as err:  # ASE raises many types for malformed files
         raise DataError(f"{path}: cannot be read by ASE (index {index}): {type(err).__name__}: {err}") from None
     if not frames:
@@ -33,9 +36,8 @@ def _read_candidates(path: str, index: str):
 
 def _options(args) -> dict:
     if args.method == "direct":
-        pcs = "kaiser" if args.pcs == "kaiser" else int(args.pcs)
-        return dict(n_clusters=args.n_clusters, k=args.k, n_components=pcs, weight_pcs=not args.no_pc_weights,
-                    pick=args.pick, threshold=args.threshold)
+        return dict(n_clusters=args.n_clusters, k=args.k, n_components=args.pcs,
+                    weight_pcs=not args.no_pc_weights, pick=args.pick, threshold=args.threshold)
     if args.method == "narrow":
         if not args.region:
             raise ValueError("--method narrow needs --region, e.g. --region 'PC1<-2.5,PC2>0'")
@@ -46,8 +48,6 @@ def _options(args) -> dict:
 
 
 def _check_arguments(args) -> None:
-    if args.pcs != "kaiser" and not (args.pcs.isdigit() and int(args.pcs) >= 1):
-        raise ValueError(f"--pcs must be 'kaiser' or a positive integer, got {args.pcs!r}")
     if args.n is None and not (args.method == "direct" and args.n_clusters):
         raise ValueError("give --n (or, for --method direct, --n-clusters and --k)")
     direct_only = {"--n-clusters": args.n_clusters, "--k": args.k, "--threshold": args.threshold}
@@ -130,29 +130,29 @@ def add_parsers(sub) -> None:
         "number in the candidates file in info['source_index'], and a PC1-PC2 plot.")
     p.add_argument("model", help="model file (model.pt) written by mfmlip train")
     p.add_argument("candidates", help="ASE-readable file of candidate structures (labels are not needed)")
-    p.add_argument("--n", type=int, help="number of structures to select")
-    p.add_argument("--method", choices=["direct", "random", "narrow"], default="direct")
+    p.add_argument("--n", type=types.positive_int, help="number of structures to select")
+    p.add_argument("--method", choices=METHODS, default="direct")
     p.add_argument("-o", "--output", required=True, help="extxyz file for the selected frames")
     p.add_argument("--plot", help="PC1-PC2 PNG (default OUTPUT-stem_pca.png next to OUTPUT)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--index", default=":", help="ASE index of the candidate frames (default all)")
+    p.add_argument("--seed", type=types.integer, default=0, help="seed of every random choice (default 0)")
+    p.add_argument("--index", type=types.ase_index, default=":", help="ASE index of the candidate frames (default all)")
     p.add_argument("--fidelity", help="fidelity to run the model at (default: the model's first)")
-    p.add_argument("--pooling", choices=["mean", "species"], default="mean",
+    p.add_argument("--pooling", choices=POOLINGS, default="mean",
                    help="'mean' over all atoms, or 'species': also the mean over each species, concatenated")
-    p.add_argument("--batch-size", type=int, default=256, help="structures per forward pass")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=types.positive_int, default=256, help="structures per forward pass")
+    p.add_argument("--device", type=types.device, default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--save-vectors", help="also save the (n_candidates, dim) vectors as .npy")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("direct")
-    g.add_argument("--n-clusters", type=int, help="BIRCH clusters (default: n / k)")
-    g.add_argument("--k", type=int, help="structures per cluster (default 1, or n / n-clusters)")
-    g.add_argument("--pcs", default="kaiser", help="principal components kept: 'kaiser' (eigenvalue > 1, "
-                   "the default) or a number")
+    g.add_argument("--n-clusters", type=types.positive_int, help="BIRCH clusters (default: n / k)")
+    g.add_argument("--k", type=types.positive_int, help="structures per cluster (default 1, or n / n-clusters)")
+    g.add_argument("--pcs", type=types.pcs, default="kaiser",
+                   help="principal components kept: 'kaiser' (eigenvalue > 1, the default) or a number")
     g.add_argument("--no-pc-weights", action="store_true",
                    help="cluster on raw PC scores instead of scores weighted by explained variance")
-    g.add_argument("--pick", choices=["center", "random"], default="center",
+    g.add_argument("--pick", choices=PICKS, default="center",
                    help="within a cluster: closest to the centroid first, or at random")
-    g.add_argument("--threshold", type=float, help="BIRCH subcluster radius (default: searched)")
+    g.add_argument("--threshold", type=types.positive_float, help="BIRCH subcluster radius (default: searched)")
     g = p.add_argument_group("narrow")
     g.add_argument("--region", help="box in PC space (unweighted scores, as on the plot), "
                    "e.g. 'PC1<-2.5,PC2>0'")

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mfmlip.cli import types
+from mfmlip.keys import FLOAT_DTYPES
+from mfmlip.simulation.md import BAROSTATS, ENSEMBLES, THERMOSTATS
+from mfmlip.simulation.relax import OPTIMIZERS
+
 
 def _read(path: str, index):
     """ase.io.read with errors turned into FileNotFoundError / ValueError naming the file."""
@@ -88,20 +93,19 @@ def _eos(args) -> None:
 
 
 def _md(args) -> None:
-    from mfmlip.simulation.md import read_log, run_md
+    from mfmlip.simulation.md import MDSettings, read_log, run_md
 
-    atoms = _read(args.structure, args.index)
-    out = Path(args.output_dir)
-    result = run_md(
-        atoms, _calculator(args), ensemble=args.ensemble, temperature_K=args.temperature,
-        pressure_GPa=args.pressure, timestep_fs=args.timestep, steps=args.steps,
-        trajectory=out / "md.traj", logfile=out / "md_log.csv", checkpoint=out / "checkpoint.json",
-        resume=args.resume, seed=args.seed, log_interval=args.log_interval,
+    settings = MDSettings(
+        ensemble=args.ensemble, temperature_K=args.temperature, pressure_GPa=args.pressure,
+        timestep_fs=args.timestep, steps=args.steps, seed=args.seed, log_interval=args.log_interval,
         trajectory_interval=args.traj_interval, checkpoint_interval=args.checkpoint_interval,
         thermostat=args.thermostat, barostat=args.barostat, friction_per_fs=args.friction,
         tdamp_fs=args.tdamp, pdamp_fs=args.pdamp, compressibility_per_GPa=args.compressibility,
-        progress=not args.no_progress,
     )
+    atoms = _read(args.structure, args.index)
+    out = Path(args.output_dir)
+    result = run_md(atoms, _calculator(args), settings, trajectory=out / "md.traj", logfile=out / "md_log.csv",
+                    checkpoint=out / "checkpoint.json", resume=args.resume, progress=not args.no_progress)
     if result.resumed_from is not None:
         print(f"resumed from step {result.resumed_from}")
     log = read_log(result.log)
@@ -166,17 +170,19 @@ def _model_arguments(p) -> None:
     p.add_argument("model", help="model file (model.pt) written by mfmlip train")
     p.add_argument("structure", help="ASE-readable structure file")
     p.add_argument("--fidelity", required=True, help="fidelity to simulate at")
-    p.add_argument("--index", default="-1", help="ASE index of the frame to start from (default: last)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+    p.add_argument("--index", type=types.ase_index, default="-1",
+                   help="ASE index of the frame to start from (default: last)")
+    p.add_argument("--device", type=types.device, default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float64",
                    help="model precision (default float64: smoother energy surface for optimisers and MD)")
-    p.add_argument("--min-distance", type=float, default=0.1,
+    p.add_argument("--min-distance", type=types.non_negative_float, default=0.1,
                    help="refuse structures with two atoms closer than this (Angstrom; default 0.1)")
 
 
 def _analysis_arguments(p, what: str) -> None:
     p.add_argument("trajectory", help="ASE-readable trajectory (e.g. md.traj from mfmlip md)")
-    p.add_argument("--index", default=":", help="ASE index of the frames to use (default all, e.g. 100: "
+    p.add_argument("--index", type=types.ase_index, default=":",
+                   help="ASE index of the frames to use (default all, e.g. 100: "
                    "to skip equilibration)")
     p.add_argument("-o", "--output-dir", default=".", help=f"where the {what} CSV and PNG go")
 
@@ -188,10 +194,10 @@ def add_parsers(sub) -> None:
                        "(OUT stem + _trajectory.traj). Exit status 1 if not converged.")
     _model_arguments(p)
     p.add_argument("--cell", action="store_true", help="also relax the cell (FrechetCellFilter)")
-    p.add_argument("--fmax", type=float, default=0.01, help="force criterion, eV/A (default 0.01)")
-    p.add_argument("--optimizer", choices=["LBFGS", "FIRE"], default="LBFGS")
-    p.add_argument("--steps", type=int, default=1000, help="maximum optimiser steps")
-    p.add_argument("--pressure", type=float, default=0.0, help="external pressure with --cell, GPa")
+    p.add_argument("--fmax", type=types.positive_float, default=0.01, help="force criterion, eV/A (default 0.01)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="LBFGS")
+    p.add_argument("--steps", type=types.positive_int, default=1000, help="maximum optimiser steps")
+    p.add_argument("--pressure", type=types.finite_float, default=0.0, help="external pressure with --cell, GPa")
     p.add_argument("-o", "--output", help="relaxed structure file (default STRUCTURE-stem_relaxed.extxyz)")
     p.set_defaults(func=_relax)
 
@@ -199,12 +205,13 @@ def add_parsers(sub) -> None:
                        description="Scale the cell over a volume range, relax positions at each volume and fit "
                        "Murnaghan and Birch-Murnaghan; writes eos.png, eos.csv, eos.json.")
     _model_arguments(p)
-    p.add_argument("--points", type=int, default=9, help="number of volumes (default 9)")
-    p.add_argument("--range", type=float, nargs=2, default=[0.9, 1.1], metavar=("LOW", "HIGH"),
+    p.add_argument("--points", type=types.positive_int, default=9, help="number of volumes (default 9)")
+    p.add_argument("--range", type=types.positive_float, nargs=2, default=[0.9, 1.1], metavar=("LOW", "HIGH"),
                    help="volume range as fractions of the input volume (default 0.9 1.1)")
     p.add_argument("--eos", nargs="+", default=["murnaghan", "birchmurnaghan"], help="ASE EOS names")
-    p.add_argument("--fmax", type=float, default=0.01, help="position relaxation criterion, eV/A")
-    p.add_argument("--relax-steps", type=int, default=200, help="maximum optimiser steps per volume (0: none)")
+    p.add_argument("--fmax", type=types.positive_float, default=0.01, help="position relaxation criterion, eV/A")
+    p.add_argument("--relax-steps", type=types.non_negative_int, default=200,
+                   help="maximum optimiser steps per volume (0: none)")
     p.add_argument("-o", "--output-dir", default=".", help="where eos.png/csv/json go")
     p.set_defaults(func=_eos)
 
@@ -212,23 +219,25 @@ def add_parsers(sub) -> None:
                        description="Molecular dynamics with ASE integrators; writes DIR/md.traj, DIR/md_log.csv "
                        "and DIR/checkpoint.json. --resume continues a killed run from its checkpoint.")
     _model_arguments(p)
-    p.add_argument("--ensemble", choices=["nvt", "npt", "nve"], required=True)
-    p.add_argument("--temperature", type=float, help="K; required for nvt/npt, initial velocities for nve")
-    p.add_argument("--pressure", type=float, default=0.0, help="npt target pressure, GPa (default 0)")
-    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
-    p.add_argument("--steps", type=int, required=True, help="total steps, including any done before --resume")
+    p.add_argument("--ensemble", choices=ENSEMBLES, required=True)
+    p.add_argument("--temperature", type=types.non_negative_float,
+                   help="K; required for nvt/npt, initial velocities for nve")
+    p.add_argument("--pressure", type=types.finite_float, default=0.0, help="npt target pressure, GPa (default 0)")
+    p.add_argument("--timestep", type=types.positive_float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--steps", type=types.positive_int, required=True,
+                   help="total steps, including any done before --resume")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of initial velocities and Langevin noise")
-    p.add_argument("--thermostat", choices=["langevin", "nose-hoover"], default="langevin", help="nvt integrator")
-    p.add_argument("--barostat", choices=["mtk", "berendsen"], default="mtk",
+    p.add_argument("--seed", type=types.integer, default=0, help="seed of initial velocities and Langevin noise")
+    p.add_argument("--thermostat", choices=THERMOSTATS, default="langevin", help="nvt integrator")
+    p.add_argument("--barostat", choices=BAROSTATS, default="mtk",
                    help="npt integrator: MTK (Nose-Hoover chains, correct ensemble) or Berendsen (equilibration)")
-    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
-    p.add_argument("--tdamp", type=float, help="thermostat time constant, fs (default 100 time steps)")
-    p.add_argument("--pdamp", type=float, help="barostat time constant, fs (default 1000 time steps)")
-    p.add_argument("--compressibility", type=float, default=0.01, help="Berendsen only, 1/GPa")
-    p.add_argument("--log-interval", type=int, default=10, help="steps between log rows")
-    p.add_argument("--traj-interval", type=int, default=10, help="steps between trajectory frames")
-    p.add_argument("--checkpoint-interval", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--friction", type=types.non_negative_float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--tdamp", type=types.positive_float, help="thermostat time constant, fs (default 100 time steps)")
+    p.add_argument("--pdamp", type=types.positive_float, help="barostat time constant, fs (default 1000 time steps)")
+    p.add_argument("--compressibility", type=types.positive_float, default=0.01, help="Berendsen only, 1/GPa")
+    p.add_argument("--log-interval", type=types.positive_int, default=10, help="steps between log rows")
+    p.add_argument("--traj-interval", type=types.positive_int, default=10, help="steps between trajectory frames")
+    p.add_argument("--checkpoint-interval", type=types.positive_int, default=100, help="steps between checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-o", "--output-dir", default="md", help="output folder (default ./md)")
     p.set_defaults(func=_md)
@@ -236,19 +245,19 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("rdf", help="partial radial distribution functions g(r)")
     _analysis_arguments(p, "RDF")
     p.add_argument("--pairs", required=True, help="comma-separated pairs, e.g. O-O,O-H")
-    p.add_argument("--rmax", type=float, help="A; default half the smallest cell width (at most 10)")
-    p.add_argument("--bins", type=int, default=200)
+    p.add_argument("--rmax", type=types.positive_float, help="A; default half the smallest cell width (at most 10)")
+    p.add_argument("--bins", type=types.positive_int, default=200)
     p.set_defaults(func=_rdf)
 
     p = sub.add_parser("adf", help="angular distribution of A-B-C triplets (B the vertex)")
     _analysis_arguments(p, "ADF")
     p.add_argument("--triplet", required=True, help="e.g. O-O-O or H-O-H")
-    p.add_argument("--cutoff", type=float, required=True, help="B-A and B-C cutoff, A")
-    p.add_argument("--bins", type=int, default=180)
+    p.add_argument("--cutoff", type=types.positive_float, required=True, help="B-A and B-C cutoff, A")
+    p.add_argument("--bins", type=types.positive_int, default=180)
     p.set_defaults(func=_adf)
 
     p = sub.add_parser("coordination", help="coordination-number histogram of a pair within a cutoff")
     _analysis_arguments(p, "coordination")
     p.add_argument("--pair", required=True, help="e.g. Si-Si or O-H (neighbours B of each A)")
-    p.add_argument("--cutoff", type=float, required=True, help="A")
+    p.add_argument("--cutoff", type=types.positive_float, required=True, help="A")
     p.set_defaults(func=_coordination)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mfmlip.cli import types
+
 
 def _study(args) -> None:
     from mfmlip.study import load_study, run_study
@@ -19,6 +21,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("config", help="study YAML file")
     p.add_argument("--quick", action="store_true", help="the reduced grid of the config's quick: section")
-    p.add_argument("--jobs", type=int, help="runs at once (default: the config's jobs, else one per CPU core)")
+    p.add_argument("--jobs", type=types.positive_int,
+                   help="runs at once (default: the config's jobs, else one per CPU core)")
     p.add_argument("--data-root", help="folder data paths resolve against (as for mfmlip train)")
     p.set_defaults(func=_study)

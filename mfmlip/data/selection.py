@@ -56,12 +56,35 @@ def filter_structures(
     return [s for s, k in zip(structures, keep) if k], np.flatnonzero(~keep)
 
 
-def _count(spec: float | int | None, n: int) -> int | None:
-    if spec is None:
-        return None
-    if isinstance(spec, float) and spec <= 1.0:
-        return int(round(spec * n))
-    return int(spec)
+def _is_fraction(spec) -> bool:
+    return isinstance(spec, float) and spec <= 1.0
+
+
+def _sizes(specs: dict, n: int) -> dict[str, int | None]:
+    """Frame counts of the split sizes: counts as given, fractions of ``n``
+    rounded each to the nearest count, then corrected when their exact sizes
+    fit but the rounded ones do not (or, with no part taking the rest, do not
+    add up to the rounded total): the parts rounded the most the wrong way
+    change by one frame each, the test part last. So fractions adding up to at
+    most 1 always fit, and 0.8/0.1/0.1 of any number of frames uses them all."""
+    exact = {k: spec * n for k, spec in specs.items() if _is_fraction(spec)}
+    sizes = {k: None if spec is None else int(round(exact[k])) if k in exact else int(spec)
+             for k, spec in specs.items()}
+    counts = sum(v for k, v in sizes.items() if v is not None and k not in exact)
+    if counts + sum(exact.values()) > n + 1e-9:
+        return sizes  # does not fit: the caller says so
+    rounded = sum(sizes[k] for k in exact)
+    target = rounded if None in sizes.values() else int(round(sum(exact.values())))
+    diff = rounded - min(target, n - counts)
+    sign = 1 if diff > 0 else -1
+    worst = sorted(exact, key=lambda k: (-sign * (sizes[k] - exact[k]), k == "test"))
+    for k in worst[: abs(diff)]:
+        sizes[k] -= sign
+    return sizes
+
+
+def _describe(specs: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in specs.items())
 
 
 def split_indices(
@@ -74,21 +97,26 @@ def split_indices(
     """Random disjoint train/validation/test indices of ``n`` frames.
 
     Each size is a fraction (float <= 1) or a count (int); ``None`` takes what
-    is left. The test part is drawn first, so it does not depend on the
-    train/val sizes: changing the training size never moves a test frame.
+    is left. Fractions are rounded to counts that fit whenever the exact sizes
+    fit (0.8/0.1/0.1 of 35 frames: 28/3/4). The test part is drawn first, so
+    it does not depend on the train/val sizes: changing the training size
+    never moves a test frame.
 
     Raises
     ------
     DataError
         A size is negative, or the sizes add up to more than ``n``.
     """
-    sizes = {k: _count(v, n) for k, v in zip(SPLITS, (train, val, test))}
-    negative = {k: v for k, v in sizes.items() if v is not None and v < 0}
+    specs = dict(zip(SPLITS, (train, val, test)))
+    negative = {k: v for k, v in specs.items() if v is not None and v < 0}
     if negative:
-        raise DataError(f"split sizes must not be negative: {negative}")
+        raise DataError(f"split sizes must not be negative: {_describe(negative)}")
+    sizes = _sizes(specs, n)
     fixed = sum(v for v in sizes.values() if v is not None)
     if fixed > n:
-        raise DataError(f"split sizes {sizes} add up to more than the {n} frames available")
+        asked = _describe({k: v for k, v in sizes.items() if v is not None})
+        raise DataError(f"split sizes ({_describe(specs)}) ask for {asked}: {fixed} frames, more than the "
+                        f"{n} frames available")
     rest = [k for k, v in sizes.items() if v is None]
     for k in rest:
         sizes[k] = (n - fixed) // len(rest)

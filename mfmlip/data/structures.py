@@ -224,7 +224,7 @@ def structure_from_atoms(
     )
 
 
-def _read_frames(path: Path, index: str) -> tuple[list[Atoms], range]:
+def read_frames(path: Path, index: str) -> tuple[list[Atoms], range]:
     """Frames an ASE index string selects, with their frame numbers in the file.
 
     Forward slices are read lazily by ASE; negative or reversed selections read
@@ -290,10 +290,18 @@ def _xyz_layout(path: Path, needed: int | None = None) -> tuple[list[tuple[int, 
         try:
             natoms = int(header)
         except ValueError:
-            return frames, f"{where}: expected the number of atoms of a frame, got {header[:60]!r}"
+            return frames, _count_too_small(lines, frames, n) or (
+                f"{where}: expected the number of atoms of a frame, got {header[:60]!r}"
+            )
         if natoms < 0:
             return frames, f"{where}: negative number of atoms {natoms}"
         body = lines[n + 2 : n + 2 + natoms]
+        header_in_body = next((k for k, line in enumerate(body) if _is_count(line)), None)
+        if header_in_body is not None:
+            return frames, (
+                f"{where} declares {natoms} atoms but has {header_in_body} atom lines: line "
+                f"{n + 3 + header_in_body} ({body[header_in_body].strip()!r}) starts the next frame"
+            )
         blank = next((k for k, line in enumerate(body) if not line.strip()), None)
         if n + 1 >= len(lines) or len(body) < natoms or blank is not None:
             got = len(body) if blank is None else blank
@@ -305,6 +313,30 @@ def _xyz_layout(path: Path, needed: int | None = None) -> tuple[list[tuple[int, 
         frames.append((n + 1, last + 1))
         n = last + 1
     return frames, None
+
+
+def _is_count(line: str) -> bool:
+    """A line holding one integer only: a frame header, never an atom line."""
+    return line.strip().isdigit()
+
+
+def _count_too_small(lines: list[str], frames: list[tuple[int, int]], n: int) -> str | None:
+    """The frame before line ``n`` (0-based) declares too few atoms if line
+    ``n``, where a header should be, looks like that frame's atom lines."""
+    if not frames:
+        return None
+    first, last = frames[-1]
+    columns = len(lines[last - 1].split())
+    extra = 0
+    while n + extra < len(lines) and len(lines[n + extra].split()) == columns and not _is_count(lines[n + extra]):
+        extra += 1
+    if not extra:
+        return None
+    declared = last - first - 1
+    return (
+        f"frame {len(frames) - 1} (line {first}) declares {declared} atoms but has at least "
+        f"{declared + extra}: line {n + 1} is an atom line where frame {len(frames)} should start"
+    )
 
 
 def _locate_read_error(path: Path, index: str, err: Exception, layout) -> str:
@@ -356,7 +388,7 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
         if problem:
             raise DataError(f"{path}: cannot be read: {problem}")
     try:
-        frames, numbers = _read_frames(path, index)
+        frames, numbers = read_frames(path, index)
     except Exception as err:  # ASE raises many types for malformed files
         where = _locate_read_error(path, index, err, layout)
         raise DataError(f"{path}: cannot be read by ASE: {where}") from None
@@ -366,6 +398,20 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
         structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
         for k, atoms in zip(numbers, frames)
     ]
+
+
+def frame_keys(path: str | Path, index: str = ":") -> list[str]:
+    """Names of the labels and arrays the first selected frame of ``path`` carries.
+
+    The union of its calculator results, ``info`` and ``arrays`` keys (without
+    ``numbers`` and ``positions``), sorted: what a label key can name.
+    """
+    sel = string2index(index)
+    first = sel if isinstance(sel, int) else (sel.start or 0) if (sel.step or 1) > 0 else -1
+    atoms = ase.io.read(path, index=first) if first >= 0 else read_frames(Path(path), index)[0][0]
+    calc = getattr(atoms, "calc", None)
+    names = set(getattr(calc, "results", {})) | set(atoms.info) | set(atoms.arrays)
+    return sorted(names - {"numbers", "positions"})
 
 
 def unlabelled_structure(atoms: Atoms, source: str = "<memory>", frame: int = -1) -> Structure:

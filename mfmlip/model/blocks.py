@@ -28,16 +28,18 @@ class Interaction(torch.nn.Module):
 
     with ``Y`` the spherical harmonics, ``R`` a radial MLP giving the tensor
     product weights per edge (Batzner et al., NequIP, Nat. Commun. 2022). The
-    fidelity features are appended to the scalar inputs of ``LinearPre`` and
-    ``LinearPost`` at the sites the conditioning names. Paths of the tensor
+    block does not know the fidelity: the potential hands it the fidelity
+    features ``pre`` and ``post`` (``extra_pre``/``extra_post`` columns, or
+    None), appended to the scalar inputs of ``LinearPre`` and ``LinearPost``. Paths of the tensor
     product that give the same output irrep sum into one slot, each with its
     own radial weights. Dividing by ``sqrt`` rather than the neighbour count
     keeps messages of random sign at unit scale, as NequIP does; it halved
     the force error of a short NaCl-water run (docs/benchmarks/report.md).
 
-    Inputs: ``h`` (n_atoms, irreps_in.dim), ``fid`` (n_atoms, d_fid),
-    ``sh`` (n_edges, irreps_sh.dim), ``radial`` (n_edges, num_radial),
-    ``edge_index`` (2, n_edges). Output: (n_atoms, irreps_out.dim).
+    Inputs: ``h`` (n_atoms, irreps_in.dim), ``sh`` (n_edges, irreps_sh.dim),
+    ``radial`` (n_edges, num_radial), ``edge_index`` (2, n_edges), ``pre``
+    (n_atoms, extra_pre) and ``post`` (n_atoms, extra_post) or None. Output:
+    (n_atoms, irreps_out.dim).
     """
 
     def __init__(
@@ -48,13 +50,12 @@ class Interaction(torch.nn.Module):
         num_radial: int,
         radial_hidden: int,
         avg_num_neighbors: float,
-        conditioning,
+        extra_pre: int = 0,
+        extra_post: int = 0,
     ):
         super().__init__()
-        self.conditioning = conditioning
         self.message_norm = float(avg_num_neighbors) ** -0.5
-        extra = lambda site: o3.Irreps(f"{conditioning.extra_dim(site)}x0e")
-        self.linear_pre = o3.Linear(irreps_in + extra("pre"), irreps_in)
+        self.linear_pre = o3.Linear(irreps_in + o3.Irreps(f"{extra_pre}x0e"), irreps_in)
         # paths with the same output irrep share one slot: a 4x narrower message (benchmarks/)
         outs = [ir for _, ir in irreps_target]
         instructions = []
@@ -74,18 +75,23 @@ class Interaction(torch.nn.Module):
             [num_radial, radial_hidden, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu
         )
         self.gate = _gate(irreps_target)
-        self.linear_post = o3.Linear(o3.Irreps(mid) + extra("post"), self.gate.irreps_in)
+        self.linear_post = o3.Linear(o3.Irreps(mid) + o3.Irreps(f"{extra_post}x0e"), self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
         self.irreps_out = self.gate.irreps_out
 
-    def forward(self, h, fid, sh, radial, edge_index):
+    def forward(self, h, sh, radial, edge_index, pre=None, post=None):
         centre, neighbour = edge_index
-        x = self.linear_pre(self.conditioning.augment(h, fid, "pre"))
+        x = self.linear_pre(append(h, pre))
         messages = self.tp(x[neighbour], sh, self.radial_mlp(radial))
         agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
         agg = agg.index_add(0, centre, messages) * self.message_norm
-        out = self.gate(self.linear_post(self.conditioning.augment(agg, fid, "post")))
+        out = self.gate(self.linear_post(append(agg, post)))
         return self.self_connection(h) + out
+
+
+def append(h: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    """``h`` (n_atoms, d) with the scalar columns ``extra`` (n_atoms, k) appended, if any."""
+    return h if extra is None else torch.cat([h, extra.to(h.dtype)], dim=-1)
 
 
 class Readout(torch.nn.Module):

@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 
 from mfmlip import keys as K
+from mfmlip.model.interface import Potential
 from mfmlip.model.potential import MFPotential
 
-SUMMED = (K.ENERGY, K.ATOMIC_ENERGY, K.FORCES, K.STRESS)
+SUMMED = (K.ENERGY, K.ATOMIC_ENERGY)
 
 
-class DeltaPotential(torch.nn.Module):
+class DeltaPotential(Potential):
     """``base`` evaluated at ``base_fidelity`` plus ``correction`` at the requested one.
 
-    Presents the interface of :class:`MFPotential` (``species``, ``fidelities``,
-    ``cutoff``, ``e0``, ``forward``) so the calculator, evaluation and model
-    file treat both alike. The fidelities are the correction's.
+    A :class:`~mfmlip.model.interface.Potential` like :class:`MFPotential`, so
+    the calculator, evaluation and model file treat both alike; forces and
+    stress come from the derivative of the summed energy. The fidelities are
+    the correction's.
 
     Parameters
     ----------
@@ -36,18 +38,16 @@ class DeltaPotential(torch.nn.Module):
     """
 
     def __init__(self, base: MFPotential, base_fidelity: str, correction: MFPotential):
-        super().__init__()
         if base.cutoff != correction.cutoff:
             raise ValueError(f"delta model: base cutoff {base.cutoff} != correction cutoff {correction.cutoff}")
         missing = sorted(set(correction.species) - set(base.species))
         if missing:
             raise ValueError(f"delta model: the base model lacks elements {missing} (atomic numbers)")
+        super().__init__(correction.species, correction.fidelities, correction.cutoff)
         self.base_fidelity_index = base.fidelity_index(base_fidelity)
         self.base, self.correction, self.base_fidelity = base, correction, base_fidelity
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.species, self.fidelities, self.cutoff = correction.species, correction.fidelities, correction.cutoff
-        self.hparams = {"delta": True, "base_fidelity": base_fidelity}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,21 +62,14 @@ class DeltaPotential(torch.nn.Module):
     def e0_table(self):
         return self.e0.detach().cpu().numpy()
 
-    def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
-        return self.correction.species_index(atomic_numbers)
-
-    def fidelity_index(self, name: str) -> int:
-        return self.correction.fidelity_index(name)
-
-    def forward(self, batch: dict, compute_forces: bool = True, compute_stress: bool = False) -> dict:
-        """Same outputs and shapes as :meth:`MFPotential.forward`; energies, forces
-        and stress are sums of the two models, ``node_features`` the base model's."""
+    def energy(self, batch: dict) -> dict:
+        """Outputs of :meth:`MFPotential.energy`; energies are sums of the two
+        models, ``node_features`` the base model's."""
         self.correction.species_index(batch[K.ATOMIC_NUMBERS])  # unknown elements: the correction's error
         at_base = dict(batch, **{K.FIDELITY: torch.full_like(batch[K.FIDELITY], self.base_fidelity_index)})
-        low = self.base(at_base, compute_forces, compute_stress)
-        out = self.correction(batch, compute_forces, compute_stress)
+        low = self.base.energy(at_base)
+        out = self.correction.energy(batch)
         for key in SUMMED:
-            if key in out:
-                out[key] = out[key] + low[key]
+            out[key] = out[key] + low[key]
         out[K.NODE_FEATURES] = low[K.NODE_FEATURES]
         return out

@@ -53,7 +53,8 @@ def add_fidelity(model: MFPotential, name: str, like: str | None = None) -> MFPo
 
     Examples
     --------
-    >>> m = MFPotential([1, 8], ["PBE"], channels=8, lmax=1, num_layers=1)
+    >>> from mfmlip.model.spec import ModelSpec
+    >>> m = MFPotential(ModelSpec(species=[1, 8], fidelities=["PBE"], channels=8, num_layers=1))
     >>> add_fidelity(m, "CCSD(T)", like="PBE").fidelities
     ['PBE', 'CCSD(T)']
     """
@@ -61,7 +62,7 @@ def add_fidelity(model: MFPotential, name: str, like: str | None = None) -> MFPo
         raise ValueError(f"fidelity {name!r} exists already in {model.fidelities}")
     source = model.fidelity_index(like) if like is not None else 0
     n_old = len(model.fidelities)
-    new = MFPotential(**dict(model.hparams, fidelities=[*model.fidelities, name])).to(model.dtype)
+    new = MFPotential(model.spec.model_copy(update={"fidelities": [*model.fidelities, name]})).to(model.dtype)
     old_state, old_modules = model.state_dict(), dict(model.named_modules())
     new_modules = dict(new.named_modules())
     state = {}

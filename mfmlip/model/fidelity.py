@@ -1,15 +1,20 @@
 """Where the fidelity enters the model.
 
-The backbone (:mod:`mfmlip.model.potential`) never looks at the fidelity index
-itself. It asks a :class:`FidelityConditioning` for
+The backbone (:mod:`mfmlip.model.potential`) holds one
+:class:`FidelityConditioning` and never looks at the fidelity index itself. It
+asks the conditioning for
 
 * ``features(fidelity_per_atom)``: extra scalar (0e) inputs per atom, computed
-  once per forward pass;
-* ``extra_dim(site)``: how many of them to append to the input of the linear
-  layer at a named site: ``"pre"`` (before each convolution), ``"post"`` (after
-  each convolution) and ``"readout"``;
+  once per forward pass and handed to every block;
+* ``at(site, feats)`` and ``extra_dim(site)``: the features to append to the
+  input of the linear layer at a named site (``None`` where the site is not
+  conditioned) and their width: ``"pre"`` (before each convolution),
+  ``"post"`` (after each convolution) and ``"readout"``;
 * ``n_heads`` and ``select(...)``: how many atomic-energy outputs the readout
   has, and which one each atom uses.
+
+Each scheme declares its options (``OPTIONS``); an option it does not have is
+an error naming it.
 
 Schemes, chosen by name in the config (``model.fidelity_scheme``):
 
@@ -42,8 +47,9 @@ class FidelityConditioning(torch.nn.Module):
     """
 
     n_heads = 1
+    OPTIONS: tuple[str, ...] = ("sites",)
 
-    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES, **_):
+    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES):
         super().__init__()
         unknown = set(sites) - set(SITES)
         if unknown:
@@ -61,9 +67,9 @@ class FidelityConditioning(torch.nn.Module):
     def extra_dim(self, site: str) -> int:
         return self.feature_dim if site in self.sites else 0
 
-    def augment(self, h: torch.Tensor, feats: torch.Tensor, site: str) -> torch.Tensor:
-        """Append the fidelity features to ``h`` (n_atoms, d) when ``site`` is conditioned."""
-        return torch.cat([h, feats.to(h.dtype)], dim=-1) if site in self.sites else h
+    def at(self, site: str, feats: torch.Tensor) -> torch.Tensor | None:
+        """The features (n_atoms, feature_dim) to append at ``site``, or None."""
+        return feats if site in self.sites else None
 
     def select(self, heads: torch.Tensor, fidelity: torch.Tensor) -> torch.Tensor:
         """(n_atoms, n_heads) readout outputs -> (n_atoms,) atomic energies."""
@@ -107,6 +113,8 @@ class StateEmbedding(FidelityConditioning):
     torch.Size([3, 4])
     """
 
+    OPTIONS = ("sites", "dim")
+
     def __init__(self, n_fidelities: int, sites: tuple[str, ...] = SITES, dim: int = 16):
         super().__init__(n_fidelities, sites)
         self.embedding = torch.nn.Embedding(n_fidelities, dim)
@@ -123,8 +131,8 @@ class Heads(FidelityConditioning):
     """One atomic-energy output per fidelity on a shared network (hippynn MFL,
     Messerly et al., MLST 2025; MACE multi-head fine-tuning).
 
-    The backbone never sees the fidelity; ``sites`` is ignored. The readout has
-    ``n_fidelities`` outputs and each atom takes the one of its structure.
+    The backbone never sees the fidelity, so the scheme has no options. The
+    readout has ``n_fidelities`` outputs and each atom takes the one of its structure.
 
     Examples
     --------
@@ -133,7 +141,9 @@ class Heads(FidelityConditioning):
     [2.0, 3.0]
     """
 
-    def __init__(self, n_fidelities: int, sites: tuple[str, ...] = (), **_):
+    OPTIONS = ()
+
+    def __init__(self, n_fidelities: int):
         super().__init__(n_fidelities, ())
 
     @property
@@ -154,14 +164,40 @@ class Heads(FidelityConditioning):
 SCHEMES = {"one_hot_linear": OneHotLinear, "state_embedding": StateEmbedding, "heads": Heads}
 
 
-def build_conditioning(scheme: str, n_fidelities: int, **options) -> FidelityConditioning:
-    """Instantiate a registered scheme by name.
+def scheme_options(scheme: str, **given) -> dict:
+    """The options in ``given`` that are not None, checked against the scheme's ``OPTIONS``.
 
     Raises
     ------
     ValueError
-        An unknown scheme name.
+        An unknown scheme, or an option the scheme does not have (named as the
+        config key ``fidelity_<option>``).
+
+    Examples
+    --------
+    >>> scheme_options("state_embedding", sites=None, dim=8)
+    {'dim': 8}
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown fidelity scheme '{scheme}'; choose from {sorted(SCHEMES)}")
+    options = {k: v for k, v in given.items() if v is not None}
+    allowed = SCHEMES[scheme].OPTIONS
+    for name in options:
+        if name not in allowed:
+            have = ", ".join(f"fidelity_{o}" for o in allowed) or "none"
+            raise ValueError(f"fidelity_{name} is not an option of fidelity scheme '{scheme}' (its options: {have})")
+    return options
+
+
+def build_conditioning(scheme: str, n_fidelities: int, **options) -> FidelityConditioning:
+    """Instantiate a registered scheme by name; ``options`` as :func:`scheme_options` returns them.
+
+    Raises
+    ------
+    ValueError
+        An unknown scheme name or option.
+    """
+    options = scheme_options(scheme, **options)
+    if "sites" in options:
+        options["sites"] = tuple(options["sites"])
     return SCHEMES[scheme](n_fidelities, **options)

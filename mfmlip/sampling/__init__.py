@@ -14,12 +14,12 @@ Ko & Ong 2025). The selectors are pure numpy functions.
 from mfmlip.sampling.encode import encode, pool
 from mfmlip.sampling.plot import plot_selection
 from mfmlip.sampling.select import (
-    METHODS, PCA, Selection, birch_clusters, direct_counts, direct_select, format_region, narrow_select,
+    METHODS, PICKS, POOLINGS, PCA, Selection, birch_clusters, direct_counts, direct_select, format_region, narrow_select,
     parse_region, pick_from_clusters, principal_components, random_select, sample, select,
 )
 
 __all__ = [
-    "encode", "pool", "plot_selection", "METHODS", "PCA", "Selection",
+    "encode", "pool", "plot_selection", "METHODS", "PICKS", "POOLINGS", "PCA", "Selection",
     "birch_clusters", "direct_counts", "direct_select", "format_region", "narrow_select", "parse_region",
     "pick_from_clusters", "principal_components", "random_select", "sample", "select",
 ]

@@ -19,10 +19,11 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from mfmlip import keys as K
-from mfmlip.data.graph import collate, structure_to_graph, to_device
 from mfmlip.data.structures import DataError, Structure, unlabelled_structure
+from mfmlip.model.inference import Predictor, resolve_model
+from mfmlip.model.interface import Potential
+from mfmlip.sampling.select import POOLINGS
 
-POOLINGS = ("mean", "species")
 
 
 def _as_structures(items: Iterable) -> list[Structure]:
@@ -130,16 +131,12 @@ def encode(
     Examples
     --------
     >>> from ase.build import molecule
-    >>> from mfmlip.model import MFPotential
-    >>> model = MFPotential([1, 6, 8], ["PBE"], channels=8, lmax=1, num_layers=2)
+    >>> from mfmlip.model import MFPotential, ModelSpec
+    >>> model = MFPotential(ModelSpec(species=[1, 6, 8], fidelities=["PBE"], channels=8, num_layers=2))
     >>> encode([molecule("CH3OH"), molecule("H2O")], model).shape
     (2, 8)
     """
-    if isinstance(model, (str, Path)):
-        from mfmlip.model.serialization import load_model
-
-        model = load_model(model, device=device)
-    if isinstance(model, torch.nn.Module) and hasattr(model, "fidelities"):
+    if isinstance(model, (str, Path, Potential)):
         structures = _as_structures(structures)
         return _encode_with_model(structures, model, fidelity, batch_size, max_atoms, pooling, device, progress)
     if callable(model):
@@ -154,53 +151,27 @@ def _bar(total: int, progress: bool):
     return tqdm(total=total, unit="structure", desc="encoding", disable=not progress, mininterval=0.5)
 
 
-def _batches(structures: list[Structure], batch_size: int, max_atoms: int):
-    """Consecutive slices of at most ``batch_size`` structures and ``max_atoms`` atoms (at least one structure)."""
-    start, atoms = 0, 0
-    for i, s in enumerate(structures):
-        if i > start and (i - start == batch_size or atoms + s.n_atoms > max_atoms):
-            yield structures[start:i]
-            start, atoms = i, 0
-        atoms += s.n_atoms
-    yield structures[start:]
-
-
 def _encode_with_model(structures, model, fidelity, batch_size, max_atoms, pooling, device,
                        progress) -> np.ndarray:
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLINGS}")
-    if batch_size < 1 or max_atoms < 1:
-        raise ValueError(f"batch_size and max_atoms must be >= 1, got {batch_size} and {max_atoms}")
-    fid = model.fidelity_index(fidelity if fidelity is not None else model.fidelities[0])
-    _check_species(structures, model)
-    was_training = model.training
-    model = model.to(device).eval()
-    try:
-        vectors = _forward_pooled(structures, model, fid, batch_size, max_atoms, pooling, device, progress)
-    finally:
-        model.train(was_training)
+    model = resolve_model(model, device)
+    predictor = Predictor(model, fidelity if fidelity is not None else model.fidelities[0], device)
+    _check_species(structures, predictor.model)
+    vectors = []
+    n_species = len(predictor.model.species)
+    with _bar(len(structures), progress) as bar:
+        for chunk, batch, pred in predictor.predict(structures, batch_size, max_atoms, forces=False):
+            species = predictor.model.species_index(batch[K.ATOMIC_NUMBERS]).cpu() if pooling == "species" else None
+            pooled = pool(pred[K.NODE_FEATURES].cpu(), batch[K.BATCH].cpu(), len(chunk), species, n_species)
+            vectors.append(pooled.double().numpy())
+            bar.update(len(chunk))
     out = np.concatenate(vectors)
     bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
     if bad.size:
         raise ValueError(f"{structures[bad[0]].source}: the model's features are not finite "
                          f"({bad.size} structure(s) affected)")
     return out
-
-
-def _forward_pooled(structures, model, fid, batch_size, max_atoms, pooling, device, progress) -> list:
-    n_species = len(model.species)
-    vectors = []
-    with _bar(len(structures), progress) as bar, torch.inference_mode():
-        # inference_mode, not no_grad: the model's forward re-enables grad mode
-        for chunk in _batches(structures, batch_size, max_atoms):
-            graphs = [structure_to_graph(s, model.cutoff, fid) for s in chunk]
-            batch = to_device(collate(graphs), device, model.dtype)
-            h = model(batch, compute_forces=False)[K.NODE_FEATURES].cpu()
-            species = model.species_index(batch[K.ATOMIC_NUMBERS]).cpu() if pooling == "species" else None
-            pooled = pool(h, batch[K.BATCH].cpu(), len(chunk), species, n_species)
-            vectors.append(pooled.double().numpy())
-            bar.update(len(chunk))
-    return vectors
 
 
 def _encode_with_function(items: list, function: Callable, progress: bool) -> np.ndarray:

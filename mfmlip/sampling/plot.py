@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfmlip.analysis.figures import save_figure
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.sampling.select import PCA, Selection, format_region
 
 
@@ -28,10 +28,7 @@ def plot_selection(selection: Selection, path: str | Path, pca: PCA | None = Non
     -------
     the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
     pca = selection.pca if selection.pca is not None else pca
     if pca is None:
@@ -39,9 +36,9 @@ def plot_selection(selection: Selection, path: str | Path, pca: PCA | None = Non
     scores = pca.scores
     pc1 = scores[:, 0]
     pc2 = scores[:, 1] if scores.shape[1] > 1 else np.zeros_like(pc1)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = new_figure(figsize=(6, 5))
     if selection.labels is not None:
-        cmap = plt.get_cmap("tab20")
+        cmap = colormaps["tab20"]
         colours = cmap(selection.labels % cmap.N)
         ax.scatter(pc1, pc2, s=4, c=colours, alpha=0.35, linewidths=0,
                    label=f"candidates ({len(pc1)}), {selection.labels.max() + 1} clusters")

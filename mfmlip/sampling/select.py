@@ -31,6 +31,7 @@ import numpy as np
 
 METHODS = ("direct", "random", "narrow")
 PICKS = ("center", "random")
+POOLINGS = ("mean", "species")  # how mfmlip.sampling.encode averages node features
 
 # subclusters that the BIRCH tree should hold before the global (agglomerative)
 # step: enough to resolve n clusters well, few enough for the O(m^2) ward step

@@ -7,8 +7,8 @@ relaxation and MD of many systems at once go through torch-sim:
 """
 
 from mfmlip.simulation.eos import EOSResult, equation_of_state, fit_eos, plot_eos
-from mfmlip.simulation.md import MDResult, load_checkpoint, read_log, run_md
+from mfmlip.simulation.md import MDResult, MDSettings, load_checkpoint, read_log, run_md
 from mfmlip.simulation.relax import max_force, relax
 
-__all__ = ["relax", "max_force", "equation_of_state", "fit_eos", "EOSResult", "plot_eos", "run_md", "MDResult",
+__all__ = ["relax", "max_force", "equation_of_state", "fit_eos", "EOSResult", "plot_eos", "run_md", "MDSettings", "MDResult",
            "read_log", "load_checkpoint"]

@@ -10,13 +10,14 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from mfmlip import keys as K
-from mfmlip.data.graph import atoms_to_batch, to_device
-from mfmlip.model.serialization import load_model
+from mfmlip.data.graph import MIN_DISTANCE
+from mfmlip.model.inference import Predictor, resolve_dtype
 
 
 class MFCalculator(Calculator):
-    """Energy (eV), free_energy (eV), forces (n_atoms, 3) eV/Angstrom and
-    stress (6,) Voigt eV/Angstrom^3 (ASE sign; only for 3D-periodic cells).
+    """Energy (eV), free_energy (eV), per-atom ``energies`` (n_atoms,) eV, forces
+    (n_atoms, 3) eV/Angstrom and stress (6,) Voigt eV/Angstrom^3 (ASE sign; only
+    for 3D-periodic cells).
 
     Parameters
     ----------
@@ -29,23 +30,33 @@ class MFCalculator(Calculator):
     min_distance : Angstrom; structures with two atoms closer than this are
         refused (the model has never seen such geometries).
 
+    ``fidelity``, ``device``, ``dtype`` and ``min_distance`` are the
+    calculator's ``parameters``: ``calc.set(fidelity="MP2")`` (or
+    ``calc.fidelity = "MP2"``) switches the level and clears the results.
+
     Raises
     ------
     ValueError
-        Missing or unknown fidelity (the message lists the model's fidelities);
-        at calculation time, an unknown element or overlapping atoms.
+        Missing or unknown fidelity (the message lists the model's fidelities)
+        or an unsupported dtype, here or in :meth:`set`; at calculation time,
+        an unknown element or overlapping atoms.
 
     Examples
     --------
     >>> from ase.build import molecule
-    >>> from mfmlip.model import MFPotential
-    >>> calc = MFCalculator(MFPotential([1, 8], ["PBE", "MP2"], channels=8, lmax=1, num_layers=1), fidelity="MP2")
+    >>> from mfmlip.model import MFPotential, ModelSpec
+    >>> model = MFPotential(ModelSpec(species=[1, 8], fidelities=["PBE", "MP2"], channels=8, num_layers=1))
+    >>> calc = MFCalculator(model, fidelity="MP2")
     >>> atoms = molecule("H2O"); atoms.calc = calc
     >>> atoms.get_forces().shape
     (3, 3)
+    >>> calc.set(fidelity="PBE"); calc.parameters["fidelity"]
+    {'fidelity': 'PBE'}
+    'PBE'
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    default_parameters = {"fidelity": None, "device": "cpu", "dtype": None, "min_distance": MIN_DISTANCE}
 
     def __init__(
         self,
@@ -53,37 +64,62 @@ class MFCalculator(Calculator):
         fidelity: str | None = None,
         device: str | torch.device = "cpu",
         dtype: str | None = None,
-        min_distance: float = 0.1,
+        min_distance: float = MIN_DISTANCE,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if isinstance(model, torch.nn.Module):
-            torch_dtype = getattr(torch, dtype) if dtype else model.dtype
-            self.model = model.to(device=device, dtype=torch_dtype).eval()
-        else:
-            torch_dtype = getattr(torch, dtype or "float32")
-            self.model = load_model(model, device=device, dtype=torch_dtype)
-        if fidelity is None:
-            raise ValueError(f"fidelity is required; this model has {self.model.fidelities}")
-        self.fidelity_index = self.model.fidelity_index(fidelity)
-        self.fidelity = fidelity
-        self.device, self.dtype, self.min_distance = torch.device(device), torch_dtype, float(min_distance)
+        self.predictor = Predictor(model, fidelity, device, dtype, min_distance)
+        dtype_name = str(self.predictor.dtype).replace("torch.", "")
+        super().__init__(fidelity=fidelity, device=str(device), dtype=dtype_name,
+                         min_distance=float(min_distance), **kwargs)
 
-    def _batch(self, atoms) -> dict:
-        # atoms_to_batch refuses atoms closer than min_distance (DataError, a ValueError)
-        batch = atoms_to_batch(atoms, self.model.cutoff, self.fidelity_index, min_distance=self.min_distance)
-        return to_device(batch, self.device, self.dtype)
+    @property
+    def model(self):
+        """The potential (:class:`~mfmlip.model.interface.Potential`)."""
+        return self.predictor.model
+
+    @property
+    def fidelity(self) -> str:
+        return self.parameters["fidelity"]
+
+    @fidelity.setter
+    def fidelity(self, name: str) -> None:
+        self.set(fidelity=name)
+
+    def set(self, **kwargs) -> dict:
+        """Change parameters; a change of any of them clears the results.
+
+        Raises
+        ------
+        ValueError
+            An unknown fidelity or unsupported dtype; nothing is changed then.
+        """
+        if "fidelity" in kwargs:
+            self.predictor.model.fidelity_index(kwargs["fidelity"])
+        if kwargs.get("dtype") is not None:
+            kwargs["dtype"] = str(resolve_dtype(kwargs["dtype"])).replace("torch.", "")
+        if "device" in kwargs:
+            kwargs["device"] = str(kwargs["device"])
+        changed = super().set(**kwargs)
+        if changed:
+            p = self.parameters
+            self.predictor.set_fidelity(p["fidelity"])
+            self.predictor.to(p["device"], p["dtype"])
+            self.predictor.min_distance = float(p["min_distance"])
+            self.reset()
+        return changed
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         want_stress = "stress" in properties and bool(self.atoms.pbc.all())  # MD asks for forces only
-        out = self.model(self._batch(self.atoms), compute_forces=True, compute_stress=want_stress)
+        # Predictor.batch refuses atoms closer than min_distance (DataError, a ValueError)
+        out = self.predictor(self.predictor.batch([self.atoms]), forces=True, stress=want_stress)
         energy = float(out[K.ENERGY].item())
         self.results = {
             "energy": energy,
             "free_energy": energy,
-            "forces": out[K.FORCES].detach().cpu().numpy().astype(np.float64),
+            "energies": out[K.ATOMIC_ENERGY].cpu().numpy().astype(np.float64),
+            "forces": out[K.FORCES].cpu().numpy().astype(np.float64),
         }
         if want_stress:
-            stress = out[K.STRESS][0].detach().cpu().numpy().astype(np.float64)
+            stress = out[K.STRESS][0].cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)

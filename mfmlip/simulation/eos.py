@@ -11,6 +11,7 @@ from ase.calculators.calculator import Calculator
 from ase.eos import EquationOfState
 from ase.units import GPa
 
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.simulation.relax import relax
 
 DEFAULT_EOS = ("murnaghan", "birchmurnaghan")
@@ -171,14 +172,7 @@ def plot_eos(result: EOSResult, path: str | Path, title: str = "") -> Path:
 
     Returns the path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     ax.plot(result.volumes, result.energies, "o", color="k", label="relaxed points")
     for name, fit in result.fits.items():
         eos = EquationOfState(result.volumes, result.energies, eos=name)
@@ -189,7 +183,4 @@ def plot_eos(result: EOSResult, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("energy (eV/atom)")
     ax.set_title(title or f"equation of state ({result.n_atoms} atoms/cell)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

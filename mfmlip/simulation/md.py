@@ -1,5 +1,8 @@
 """Molecular dynamics with ASE integrators: NVT, NPT, NVE, with a CSV log and resumable checkpoints.
 
+The settings of a run are one :class:`MDSettings`, checked when made;
+:func:`run_md` integrates them on a structure and writes the files.
+
 Integrators (all from ASE, none written here):
 
 * ``nve``: :class:`ase.md.verlet.VelocityVerlet`.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from ase.md.velocitydistribution import Stationary
 
 from mfmlip.atomic_io import atomic_write
 
+#: the ensembles, NVT thermostats and NPT barostats :class:`MDSettings` accepts
 ENSEMBLES = ("nvt", "npt", "nve")
 THERMOSTATS = ("langevin", "nose-hoover")
 BAROSTATS = ("mtk", "berendsen")
@@ -58,6 +63,92 @@ _EXTENDED_STATE = {
 }
 
 
+@dataclass(frozen=True)
+class MDSettings:
+    """The settings of an MD run, checked when made.
+
+    Attributes
+    ----------
+    ensemble : {"nvt", "npt", "nve"}
+    temperature_K : float or None
+        Target temperature, K (required, > 0, for nvt/npt); for nve the
+        temperature of the initial velocities (None: the momenta stored in the
+        starting structure, zero if none).
+    pressure_GPa : float
+        Target pressure for npt, GPa.
+    timestep_fs : float
+        Time step, fs (> 0).
+    steps : int
+        Total number of steps of the run, counting steps done before a resume (>= 0).
+    seed : int
+        Seed of the numpy generator for initial velocities and the Langevin
+        noise; its state is checkpointed, so a resumed Langevin run follows the
+        same trajectory as an uninterrupted one.
+    log_interval, trajectory_interval, checkpoint_interval : int
+        Steps between log rows, trajectory frames and checkpoints (>= 1).
+    thermostat : {"langevin", "nose-hoover"}
+        NVT integrator.
+    barostat : {"mtk", "berendsen"}
+        NPT integrator (see the module docstring for the choice).
+    friction_per_fs : float
+        Langevin friction, 1/fs (0.01/fs: a velocity memory of 100 fs).
+    tdamp_fs, pdamp_fs : float or None
+        Nose-Hoover/MTK thermostat and barostat time constants (Berendsen:
+        ``taut``, ``taup``), fs; None: 100 and 1000 time steps.
+    compressibility_per_GPa : float
+        Berendsen barostat only: assumed isothermal compressibility, 1/GPa
+        (0.01/GPa ~ a solid with B = 100 GPa; ~0.45/GPa for liquid water).
+
+    Raises
+    ------
+    ValueError
+        Unknown ensemble/thermostat/barostat, missing or non-positive
+        temperature for nvt/npt, negative temperature, non-positive timestep
+        or intervals, negative ``steps``.
+    """
+
+    ensemble: str = "nvt"
+    temperature_K: float | None = None
+    pressure_GPa: float = 0.0
+    timestep_fs: float = 0.5
+    steps: int = 1000
+    seed: int = 0
+    log_interval: int = 10
+    trajectory_interval: int = 10
+    checkpoint_interval: int = 100
+    thermostat: str = "langevin"
+    barostat: str = "mtk"
+    friction_per_fs: float = 0.01
+    tdamp_fs: float | None = None
+    pdamp_fs: float | None = None
+    compressibility_per_GPa: float = 0.01
+
+    def __post_init__(self):
+        ensemble, temperature = self.ensemble, self.temperature_K
+        if ensemble not in ENSEMBLES:
+            raise ValueError(f"unknown ensemble {ensemble!r}; choose from {list(ENSEMBLES)}")
+        if ensemble == "nvt" and self.thermostat not in THERMOSTATS:
+            raise ValueError(f"unknown thermostat {self.thermostat!r}; choose from {list(THERMOSTATS)}")
+        if ensemble == "npt" and self.barostat not in BAROSTATS:
+            raise ValueError(f"unknown barostat {self.barostat!r}; choose from {list(BAROSTATS)}")
+        if ensemble in ("nvt", "npt") and (temperature is None or not temperature > 0):
+            raise ValueError(f"{ensemble} needs a temperature > 0 K, got {temperature}")
+        if temperature is not None and temperature < 0:
+            raise ValueError(f"temperature must be >= 0 K, got {temperature}")
+        if not self.timestep_fs > 0:
+            raise ValueError(f"timestep must be > 0 fs, got {self.timestep_fs}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        intervals = (self.log_interval, self.trajectory_interval, self.checkpoint_interval)
+        if min(intervals) < 1:
+            raise ValueError(f"log/trajectory/checkpoint intervals must be >= 1 step, got {intervals}")
+
+    @property
+    def method(self) -> str:
+        """The integrator: the thermostat (nvt), the barostat (npt) or ``"velocity-verlet"`` (nve)."""
+        return {"nvt": self.thermostat, "npt": self.barostat, "nve": "velocity-verlet"}[self.ensemble]
+
+
 @dataclass
 class MDResult:
     """What :func:`run_md` did.
@@ -67,7 +158,7 @@ class MDResult:
     atoms : ase.Atoms
         Final structure with momenta (the calculator attached).
     steps : int
-        Total steps of the run now done (equals the requested ``steps``).
+        Total steps of the run now done (equals ``settings.steps``).
     steps_run : int
         Steps integrated by this call (fewer than ``steps`` after a resume).
     resumed_from : int or None
@@ -88,34 +179,21 @@ class MDResult:
 def run_md(
     atoms: Atoms,
     calc: Calculator,
-    ensemble: str = "nvt",
-    temperature_K: float | None = None,
-    pressure_GPa: float = 0.0,
-    timestep_fs: float = 0.5,
-    steps: int = 1000,
+    settings: MDSettings,
     trajectory: str | Path | None = None,
     logfile: str | Path | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
-    seed: int = 0,
-    log_interval: int = 10,
-    trajectory_interval: int = 10,
-    checkpoint_interval: int = 100,
-    thermostat: str = "langevin",
-    barostat: str = "mtk",
-    friction_per_fs: float = 0.01,
-    tdamp_fs: float | None = None,
-    pdamp_fs: float | None = None,
-    compressibility_per_GPa: float = 0.01,
     progress: bool = True,
 ) -> MDResult:
-    """Run (or continue) molecular dynamics for a total of ``steps`` steps.
+    """Run (or continue) molecular dynamics for a total of ``settings.steps`` steps.
 
     A new run starts from a copy of ``atoms`` (not modified). If
-    ``temperature_K`` is given, velocities are drawn from a Maxwell-Boltzmann
-    distribution at that temperature (random generator seeded with ``seed``)
-    and the centre-of-mass momentum is removed; without it (``nve`` only)
-    the momenta stored in ``atoms`` are used (zero if none).
+    ``settings.temperature_K`` is given, velocities are drawn from a
+    Maxwell-Boltzmann distribution at that temperature (random generator
+    seeded with ``settings.seed``) and the centre-of-mass momentum is removed;
+    without it (``nve`` only) the momenta stored in ``atoms`` are used (zero
+    if none).
 
     Parameters
     ----------
@@ -123,50 +201,26 @@ def run_md(
         Starting structure, n_atoms atoms; 3D-periodic for ``npt``.
     calc : ase Calculator
         Energy (eV), forces (eV/Angstrom); stress (eV/Angstrom^3) for ``npt``.
-    ensemble : {"nvt", "npt", "nve"}
-    temperature_K : float
-        Target temperature in K (required, > 0, for nvt/npt); for nve the
-        temperature of the initial velocities.
-    pressure_GPa : float
-        Target pressure for npt, GPa.
-    timestep_fs : float
-        Time step, fs.
-    steps : int
-        Total number of steps of the run, counting steps done before a resume.
+    settings : MDSettings
+        Ensemble, temperature (K), pressure (GPa), time step (fs), steps,
+        intervals, integrator options, seed.
     trajectory : path, optional
         ASE ``.traj`` file, a frame (positions, momenta, cell, energy,
-        forces; ``info["step"]``) at every multiple of ``trajectory_interval``
-        steps, step 0 included, so frames stay evenly spaced across resumes.
+        forces; ``info["step"]``) at every multiple of
+        ``settings.trajectory_interval`` steps, step 0 included, so frames
+        stay evenly spaced across resumes.
     logfile : path, optional
-        CSV log, a row every ``log_interval`` steps and at the last step;
-        columns :data:`LOG_COLUMNS`: step, time (ps), temperature (K),
+        CSV log, a row every ``settings.log_interval`` steps and at the last
+        step; columns :data:`LOG_COLUMNS`: step, time (ps), temperature (K),
         potential/kinetic/total energy (eV), volume (Angstrom^3; NaN unless
         3D-periodic) and pressure including the kinetic term (GPa; NaN
         unless 3D-periodic with a stress-capable calculator).
     checkpoint : path, optional
-        JSON checkpoint written every ``checkpoint_interval`` steps and at the
-        end, atomically (temporary file + ``os.replace``).
+        JSON checkpoint written every ``settings.checkpoint_interval`` steps
+        and at the end, atomically (temporary file + ``os.replace``).
     resume : bool
         Continue from ``checkpoint`` if it exists (then ``atoms`` only has to
         match its chemical symbols); if it does not exist a new run starts.
-    seed : int
-        Seed of the numpy generator for initial velocities and the Langevin
-        noise; its state is checkpointed, so a resumed Langevin run follows the
-        same trajectory as an uninterrupted one.
-    log_interval, trajectory_interval, checkpoint_interval : int
-        In steps, >= 1.
-    thermostat : {"langevin", "nose-hoover"}
-        NVT integrator.
-    barostat : {"mtk", "berendsen"}
-        NPT integrator (see the module docstring for the choice).
-    friction_per_fs : float
-        Langevin friction, 1/fs (0.01/fs: a velocity memory of 100 fs).
-    tdamp_fs, pdamp_fs : float, optional
-        Nose-Hoover/MTK thermostat and barostat time constants (Berendsen:
-        ``taut``, ``taup``), fs; defaults 100 and 1000 time steps.
-    compressibility_per_GPa : float
-        Berendsen barostat only: assumed isothermal compressibility, 1/GPa
-        (0.01/GPa ~ a solid with B = 100 GPa; ~0.45/GPa for liquid water).
     progress : bool
         Show a tqdm progress bar on stderr.
 
@@ -176,100 +230,29 @@ def run_md(
 
     Raises
     ------
+    TypeError
+        ``settings`` is not an :class:`MDSettings`.
     ValueError
-        Unknown ensemble/thermostat/barostat, missing or non-positive
-        temperature for nvt/npt, non-positive timestep or intervals, negative
-        ``steps``, npt on a non-periodic structure or with a calculator
-        without stress, constraints with the MTK barostat, ASE too old for
-        the chosen integrator, ``resume`` without ``checkpoint``, or a
-        checkpoint that does not match (other format, symbols, ensemble,
-        integrator or timestep).
+        npt on a non-periodic structure or with a calculator without stress,
+        constraints with the MTK barostat, ASE too old for the chosen
+        integrator, ``resume`` without ``checkpoint``, or a checkpoint that
+        does not match (other format, symbols, ensemble, integrator or
+        timestep).
     """
-    settings = _check_settings(atoms, calc, ensemble, temperature_K, timestep_fs, steps,
-                               (log_interval, trajectory_interval, checkpoint_interval), thermostat, barostat)
-    rng = np.random.default_rng(seed)
-    paths = [Path(p) if p is not None else None for p in (logfile, trajectory, checkpoint)]
-    log_path, traj_path, ckpt_path = paths
-    for p in paths:
-        if p is not None:
-            p.parent.mkdir(parents=True, exist_ok=True)
-
-    if resume and ckpt_path is None:
-        raise ValueError("resume=True needs the checkpoint path")
-    state = None
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        _check_checkpoint(state, atoms, settings, ckpt_path)
-    elif resume:
-        print(f"resume: no checkpoint at {ckpt_path}; starting a new run", flush=True)
-
-    if state is None:
-        current = atoms.copy()
-        if temperature_K is not None:
-            _thermalize(current, temperature_K, rng)
-            Stationary(current)
-        start, n_frames = 0, 0
-    else:
-        current = state["atoms"]
-        rng.bit_generator.state = state["rng_state"]
-        start, n_frames = int(state["step"]), int(state["n_frames"])
+    _check_system(atoms, calc, settings)
+    paths = _output_paths(logfile, trajectory, checkpoint)
+    state = _resume_state(paths[2], atoms, settings) if resume else None
+    resumed = state is not None
+    rng = np.random.default_rng(settings.seed)
+    current, start, n_frames = _initial_state(atoms, settings, state, rng)
     current.calc = calc
-
-    dyn = _make_dynamics(current, ensemble, temperature_K, pressure_GPa, timestep_fs, rng, thermostat, barostat,
-                         friction_per_fs, tdamp_fs, pdamp_fs, compressibility_per_GPa)
-    if state is not None:
+    dyn = _make_dynamics(current, settings, rng)
+    if resumed:
         _set_extended_state(dyn, state.get("extended", {}))
     dyn.nsteps = start  # observers fire on the global step count; no repeat of step `start`
-
-    if state is not None and start >= steps:  # already done
-        return MDResult(current, start, 0, start, log_path, traj_path, ckpt_path)
-
-    from tqdm.auto import tqdm
-
-    log_fh = writer = traj = None
-    bar = tqdm(total=steps, initial=start, unit="step", desc=f"MD {ensemble}", disable=not progress,
-               mininterval=1.0, dynamic_ncols=True)
-    last_logged = [None]
-    try:
-        if log_path is not None:
-            log_fh, writer = _open_log(log_path, start if state is not None else None)
-        if traj_path is not None:
-            if state is not None:
-                n_frames = _truncate_trajectory(traj_path, n_frames)
-            traj = Trajectory(str(traj_path), "a" if state is not None else "w")
-
-        def write_log():
-            if writer is not None and last_logged[0] != dyn.nsteps:
-                writer.writerow(_log_row(current, dyn.nsteps, timestep_fs))
-                log_fh.flush()
-                last_logged[0] = dyn.nsteps
-
-        def write_frame():
-            nonlocal n_frames
-            if traj is not None:
-                current.info["step"] = dyn.nsteps
-                traj.write(current)
-                n_frames += 1
-
-        def write_checkpoint():
-            if ckpt_path is not None:
-                save_checkpoint(ckpt_path, current, dyn.nsteps, rng, _get_extended_state(dyn), settings, n_frames)
-
-        dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=1)
-        dyn.attach(write_log, interval=log_interval)
-        dyn.attach(write_frame, interval=trajectory_interval)
-        dyn.attach(write_checkpoint, interval=checkpoint_interval)  # last: after log and frame of its step
-        dyn.run(steps=steps - start)
-        write_log()  # the final step is always logged and checkpointed
-        write_checkpoint()
-    finally:
-        bar.close()
-        if log_fh is not None:
-            log_fh.close()
-        if traj is not None:
-            traj.close()
-    return MDResult(current, dyn.nsteps, dyn.nsteps - start, start if state is not None else None,
-                    log_path, traj_path, ckpt_path)
+    if not resumed or start < settings.steps:  # a finished run is not touched
+        _integrate(current, dyn, rng, settings, paths, resumed, n_frames, progress)
+    return MDResult(current, dyn.nsteps, dyn.nsteps - start, start if resumed else None, *paths)
 
 
 def read_log(path: str | Path) -> dict[str, np.ndarray]:
@@ -326,42 +309,66 @@ def load_checkpoint(path: str | Path) -> dict:
 # --- internals -------------------------------------------------------------
 
 
-def _check_settings(atoms, calc, ensemble, temperature_K, timestep_fs, steps, intervals, thermostat, barostat):
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {ensemble!r}; choose from {list(ENSEMBLES)}")
-    if ensemble == "nvt" and thermostat not in THERMOSTATS:
-        raise ValueError(f"unknown thermostat {thermostat!r}; choose from {list(THERMOSTATS)}")
-    if ensemble == "npt" and barostat not in BAROSTATS:
-        raise ValueError(f"unknown barostat {barostat!r}; choose from {list(BAROSTATS)}")
-    if ensemble in ("nvt", "npt") and (temperature_K is None or not temperature_K > 0):
-        raise ValueError(f"{ensemble} needs a temperature > 0 K, got {temperature_K}")
-    if temperature_K is not None and temperature_K < 0:
-        raise ValueError(f"temperature must be >= 0 K, got {temperature_K}")
-    if not timestep_fs > 0:
-        raise ValueError(f"timestep must be > 0 fs, got {timestep_fs}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if min(intervals) < 1:
-        raise ValueError(f"log/trajectory/checkpoint intervals must be >= 1 step, got {intervals}")
-    if ensemble == "npt":
-        if not bool(np.all(atoms.pbc)):
-            raise ValueError(f"npt needs a 3D-periodic structure, got pbc={atoms.pbc.tolist()}")
-        if "stress" not in getattr(calc, "implemented_properties", ()):
-            raise ValueError(f"npt needs stress, which {type(calc).__name__} does not provide")
-    method = {"nvt": thermostat, "npt": barostat, "nve": "velocity-verlet"}[ensemble]
-    return {"ensemble": ensemble, "method": method, "timestep_fs": float(timestep_fs),
+def _check_system(atoms, calc, settings: MDSettings) -> None:
+    """``settings`` is an MDSettings, and the structure and calculator give what its ensemble needs."""
+    if not isinstance(settings, MDSettings):
+        raise TypeError(f"settings must be an MDSettings, got {type(settings).__name__}")
+    if settings.ensemble != "npt":
+        return
+    if not bool(np.all(atoms.pbc)):
+        raise ValueError(f"npt needs a 3D-periodic structure, got pbc={atoms.pbc.tolist()}")
+    if "stress" not in getattr(calc, "implemented_properties", ()):
+        raise ValueError(f"npt needs stress, which {type(calc).__name__} does not provide")
+
+
+def _run_record(settings: MDSettings, atoms) -> dict:
+    """The ``settings`` entry of a checkpoint: what a resume must match."""
+    return {"ensemble": settings.ensemble, "method": settings.method, "timestep_fs": float(settings.timestep_fs),
             "symbols": atoms.get_chemical_symbols()}
 
 
-def _check_checkpoint(state, atoms, settings, path):
+def _output_paths(logfile, trajectory, checkpoint) -> tuple:
+    """(log, trajectory, checkpoint) as Paths or None, their folders created."""
+    paths = tuple(Path(p) if p is not None else None for p in (logfile, trajectory, checkpoint))
+    for p in paths:
+        if p is not None:
+            p.parent.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _resume_state(path, atoms, settings: MDSettings) -> dict | None:
+    """The checked checkpoint to continue from; None (said so) if there is none yet."""
+    if path is None:
+        raise ValueError("resume=True needs the checkpoint path")
+    if not path.is_file():
+        print(f"resume: no checkpoint at {path}; starting a new run", flush=True)
+        return None
+    state = load_checkpoint(path)
+    _check_checkpoint(state, atoms, _run_record(settings, atoms), path)
+    return state
+
+
+def _check_checkpoint(state, atoms, record, path):
     saved = state.get("settings", {})
-    if saved.get("symbols") != settings["symbols"]:
+    if saved.get("symbols") != record["symbols"]:
         raise ValueError(f"checkpoint {path} holds {state['atoms'].get_chemical_formula()}, "
                          f"not the given structure {atoms.get_chemical_formula()}")
     for key in ("ensemble", "method", "timestep_fs"):
-        if saved.get(key) != settings[key]:
-            raise ValueError(f"checkpoint {path} was run with {key}={saved.get(key)!r}, now {settings[key]!r}; "
+        if saved.get(key) != record[key]:
+            raise ValueError(f"checkpoint {path} was run with {key}={saved.get(key)!r}, now {record[key]!r}; "
                              "resume with the same settings or start a new run without resume")
+
+
+def _initial_state(atoms, settings: MDSettings, state, rng):
+    """(atoms to integrate, step, trajectory frames so far): from the checkpoint, or a new thermalised copy."""
+    if state is not None:
+        rng.bit_generator.state = state["rng_state"]
+        return state["atoms"], int(state["step"]), int(state["n_frames"])
+    current = atoms.copy()
+    if settings.temperature_K is not None:
+        _thermalize(current, settings.temperature_K, rng)
+        Stationary(current)
+    return current, 0, 0
 
 
 def _thermalize(atoms, temperature_K, rng):
@@ -372,38 +379,40 @@ def _thermalize(atoms, temperature_K, rng):
     thermalize_momenta(atoms, temperature_K=temperature_K, rng=rng)
 
 
-def _make_dynamics(atoms, ensemble, temperature_K, pressure_GPa, timestep_fs, rng, thermostat, barostat,
-                   friction_per_fs, tdamp_fs, pdamp_fs, compressibility_per_GPa):
-    dt = timestep_fs * units.fs
-    tdamp = (tdamp_fs if tdamp_fs is not None else 100 * timestep_fs) * units.fs
-    pdamp = (pdamp_fs if pdamp_fs is not None else 1000 * timestep_fs) * units.fs
-    if ensemble == "nve":
+def _make_dynamics(atoms, settings: MDSettings, rng):
+    """The ASE integrator of ``settings`` on ``atoms`` (Langevin noise drawn from ``rng``)."""
+    s = settings
+    dt = s.timestep_fs * units.fs
+    tdamp = (s.tdamp_fs if s.tdamp_fs is not None else 100 * s.timestep_fs) * units.fs
+    pdamp = (s.pdamp_fs if s.pdamp_fs is not None else 1000 * s.timestep_fs) * units.fs
+    if s.ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
 
         return VelocityVerlet(atoms, timestep=dt)
-    if ensemble == "nvt" and thermostat == "langevin":
+    if s.ensemble == "nvt" and s.thermostat == "langevin":
         from ase.constraints import FixCom
         from ase.md.langevin import Langevin
 
         # ASE >= 3.28 deprecates Langevin(fixcm=True) (biased sampling); FixCom is its replacement
         if not any(isinstance(c, FixCom) for c in atoms.constraints):
             atoms.set_constraint(list(atoms.constraints) + [FixCom()])
-        return Langevin(atoms, timestep=dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs,
+        return Langevin(atoms, timestep=dt, temperature_K=s.temperature_K, friction=s.friction_per_fs / units.fs,
                         fixcm=False, rng=rng)
-    if ensemble == "nvt":
+    if s.ensemble == "nvt":
         cls = _nose_hoover("NoseHooverChainNVT")
-        return cls(atoms, timestep=dt, temperature_K=temperature_K, tdamp=tdamp)
-    if barostat == "mtk":
+        return cls(atoms, timestep=dt, temperature_K=s.temperature_K, tdamp=tdamp)
+    pressure = s.pressure_GPa * units.GPa
+    if s.barostat == "mtk":
         cls = _nose_hoover("IsotropicMTKNPT")
         try:
-            return cls(atoms, timestep=dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
+            return cls(atoms, timestep=dt, temperature_K=s.temperature_K, pressure_au=pressure,
                        tdamp=tdamp, pdamp=pdamp)
         except NotImplementedError as err:  # e.g. constraints
             raise ValueError(f"barostat='mtk': {err}; use barostat='berendsen'") from err
     from ase.md.nptberendsen import NPTBerendsen
 
-    return NPTBerendsen(atoms, timestep=dt, temperature_K=temperature_K, pressure_au=pressure_GPa * units.GPa,
-                        taut=tdamp, taup=pdamp, compressibility_au=compressibility_per_GPa / units.GPa)
+    return NPTBerendsen(atoms, timestep=dt, temperature_K=s.temperature_K, pressure_au=pressure,
+                        taut=tdamp, taup=pdamp, compressibility_au=s.compressibility_per_GPa / units.GPa)
 
 
 def _nose_hoover(name):
@@ -445,6 +454,63 @@ def _set_extended_state(dyn, extended: dict) -> None:
         owner = _attr_path(dyn, ".".join(parents)) if parents else dyn
         old = getattr(owner, leaf)
         setattr(owner, leaf, float(value) if np.ndim(old) == 0 else np.array(value, dtype=float))
+
+
+def _integrate(atoms, dyn, rng, settings: MDSettings, paths, resumed: bool, n_frames: int, progress: bool) -> None:
+    """Run ``dyn`` from its step to ``settings.steps``, writing log, frames and checkpoints on the way."""
+    from tqdm.auto import tqdm
+
+    with ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=settings.steps, initial=dyn.nsteps, unit="step",
+                                       desc=f"MD {settings.ensemble}", disable=not progress,
+                                       mininterval=1.0, dynamic_ncols=True))
+        out = _Recorder(atoms, dyn, rng, settings, paths, resumed, n_frames, stack)
+        dyn.attach(lambda: bar.update(dyn.nsteps - bar.n), interval=1)
+        dyn.attach(out.write_log, interval=settings.log_interval)
+        dyn.attach(out.write_frame, interval=settings.trajectory_interval)
+        dyn.attach(out.write_checkpoint, interval=settings.checkpoint_interval)  # last: after log and frame
+        dyn.run(steps=settings.steps - dyn.nsteps)
+        out.write_log()  # the final step is always logged and checkpointed
+        out.write_checkpoint()
+
+
+class _Recorder:
+    """The observers of one run: log rows, trajectory frames, checkpoints.
+
+    The files are opened on ``stack`` and closed with it; on resume the log
+    and the trajectory are first cut back to the checkpoint's step.
+    """
+
+    def __init__(self, atoms, dyn, rng, settings: MDSettings, paths, resumed: bool, n_frames: int, stack):
+        log_path, traj_path, self.checkpoint = paths
+        self.atoms, self.dyn, self.rng, self.timestep_fs = atoms, dyn, rng, settings.timestep_fs
+        self.record, self.n_frames, self.last_logged = _run_record(settings, atoms), n_frames, None
+        self.log = self.writer = self.traj = None
+        if log_path is not None:
+            self.log, self.writer = _open_log(log_path, dyn.nsteps if resumed else None)
+            stack.enter_context(self.log)
+        if traj_path is not None:
+            if resumed:
+                self.n_frames = _truncate_trajectory(traj_path, n_frames)
+            self.traj = stack.enter_context(Trajectory(str(traj_path), "a" if resumed else "w"))
+
+    def write_log(self) -> None:
+        step = self.dyn.nsteps
+        if self.writer is not None and self.last_logged != step:
+            self.writer.writerow(_log_row(self.atoms, step, self.timestep_fs))
+            self.log.flush()
+            self.last_logged = step
+
+    def write_frame(self) -> None:
+        if self.traj is not None:
+            self.atoms.info["step"] = self.dyn.nsteps
+            self.traj.write(self.atoms)
+            self.n_frames += 1
+
+    def write_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            save_checkpoint(self.checkpoint, self.atoms, self.dyn.nsteps, self.rng, _get_extended_state(self.dyn),
+                            self.record, self.n_frames)
 
 
 def _log_row(atoms, step, timestep_fs):

@@ -42,15 +42,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from mfmlip import keys as K
-from mfmlip.data.graph import MIN_DISTANCE, collate, structure_to_graph, to_device
+from mfmlip.data.graph import MIN_DISTANCE
 from mfmlip.data.structures import Structure
-from mfmlip.model.serialization import load_model
-
-
-def _torch_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    return getattr(torch, str(dtype).replace("torch.", ""))
+from mfmlip.model.inference import Predictor
 
 
 class MFTorchSimModel(ModelInterface):
@@ -95,21 +89,24 @@ class MFTorchSimModel(ModelInterface):
         min_distance: float = MIN_DISTANCE,
     ):
         super().__init__()
-        torch_dtype = _torch_dtype(dtype)
-        if isinstance(model, torch.nn.Module):
-            torch_dtype = torch_dtype or model.dtype
-            self.model = model.to(device=device, dtype=torch_dtype).eval()
-        else:
-            torch_dtype = torch_dtype or torch.float32
-            self.model = load_model(model, device=device, dtype=torch_dtype)
-        if fidelity is None:
-            raise ValueError(f"fidelity is required; this model has {self.model.fidelities}")
-        self.fidelity = fidelity
-        self.fidelity_index = self.model.fidelity_index(fidelity)
-        self.min_distance = float(min_distance)
-        self._device, self._dtype = torch.device(device), torch_dtype
+        self.predictor = Predictor(model, fidelity, device, dtype, min_distance)
+        self._device, self._dtype = torch.device(device), self.predictor.dtype
         self._compute_forces, self._compute_stress = bool(compute_forces), bool(compute_stress)
         self._memory_scales_with = "n_atoms_x_density"  # radial cutoff
+
+    @property
+    def model(self):
+        """The potential (:class:`~mfmlip.model.interface.Potential`)."""
+        return self.predictor.model
+
+    @property
+    def fidelity(self) -> str:
+        """The fidelity predicted; assigning a name switches it (checked)."""
+        return self.predictor.fidelity
+
+    @fidelity.setter
+    def fidelity(self, name: str) -> None:
+        self.predictor.set_fidelity(name)
 
     # torch-sim's validator and some workflows switch these on and off
     @ModelInterface.compute_stress.setter
@@ -130,14 +127,13 @@ class MFTorchSimModel(ModelInterface):
         counts = np.bincount(idx, minlength=n_systems)
         if len(idx) and np.any(np.diff(idx) < 0):
             raise ValueError("system_idx must be sorted (the atoms of each system contiguous), as torch-sim keeps it")
-        graphs, start = [], 0
+        structures, start = [], 0
         for b in range(n_systems):
             stop = start + int(counts[b])
-            s = Structure(positions=pos[start:stop], atomic_numbers=numbers[start:stop], cell=cells[b],
-                          pbc=pbc, fidelity=self.fidelity, source=f"torch-sim system {b}")
-            graphs.append(structure_to_graph(s, self.model.cutoff, self.fidelity_index, self.min_distance))
+            structures.append(Structure(positions=pos[start:stop], atomic_numbers=numbers[start:stop], cell=cells[b],
+                                        pbc=pbc, fidelity=self.fidelity, source=f"torch-sim system {b}"))
             start = stop
-        return to_device(collate(graphs), self._device, self._dtype)
+        return self.predictor.batch(structures)
 
     def forward(self, state: SimState | dict, **kwargs) -> dict[str, torch.Tensor]:
         """Energy (n_systems,) eV, forces (n_atoms, 3) eV/Angstrom and stress
@@ -168,10 +164,6 @@ class MFTorchSimModel(ModelInterface):
             raise ValueError(f"stress needs 3D-periodic systems, got pbc={pbc.tolist()}; "
                              "build the model with compute_stress=False")
         batch = self._graphs(positions, cell.mT, pbc, numbers, system_idx)
-        out = self.model(batch, compute_forces=self._compute_forces, compute_stress=want_stress)
-        results = {"energy": out[K.ENERGY].detach().to(device=positions.device, dtype=positions.dtype)}
-        if self._compute_forces:
-            results["forces"] = out[K.FORCES].detach().to(device=positions.device, dtype=positions.dtype)
-        if want_stress:
-            results["stress"] = out[K.STRESS].detach().to(device=positions.device, dtype=positions.dtype)
-        return results
+        out = self.predictor(batch, forces=self._compute_forces, stress=want_stress)
+        keys = [K.ENERGY] + [K.FORCES] * self._compute_forces + [K.STRESS] * want_stress
+        return {k: out[k].to(device=positions.device, dtype=positions.dtype) for k in keys}

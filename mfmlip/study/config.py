@@ -17,7 +17,7 @@ from pydantic import (
 
 from mfmlip.model.fidelity import SCHEMES
 from mfmlip.training.config import (
-    ConfigError, FileConfig, ModelConfig, TrainingConfig, _describe, _Strict,
+    ConfigError, FileConfig, ModelConfig, StrictModel, TrainingConfig, describe_validation_error,
 )
 
 SINGLE, TRANSFER, DELTA = "single_fidelity", "transfer", "delta"
@@ -27,7 +27,7 @@ Fraction = confloat(gt=0.0, le=1.0)
 Selection = Literal["random", "direct", "narrow"]
 
 
-class StudyData(_Strict):
+class StudyData(StrictModel):
     """The high level (scored) and the low levels (training help only).
 
     Units: ``filter`` thresholds in eV/atom and eV/Angstrom as in training.
@@ -46,14 +46,14 @@ class StudyData(_Strict):
     split_seed: int = 0  # draws the test set and the pool, the same for every run
 
 
-class Grid(_Strict):
+class Grid(StrictModel):
     methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
     fractions: list[Fraction] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 0.8], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     selections: list[Selection] = Field(default_factory=lambda: ["random"], min_length=1)
 
 
-class MethodOptions(_Strict):
+class MethodOptions(StrictModel):
     """Settings of the baselines.
 
     ``low_scheme``: fidelity scheme of the low-level model that ``transfer``
@@ -75,7 +75,7 @@ class MethodOptions(_Strict):
     direct: dict = {}
 
 
-class Quick(_Strict):
+class Quick(StrictModel):
     """What ``--quick`` replaces, for a smoke test in minutes."""
 
     methods: Optional[list[Method]] = None
@@ -88,7 +88,7 @@ class Quick(_Strict):
     max_steps: Optional[PositiveInt] = None
 
 
-class StudyConfig(_Strict):
+class StudyConfig(StrictModel):
     """``training.max_steps`` is the budget of every run: the same number of
     optimiser steps per grid cell; ``transfer`` and ``delta`` spend half on
     the low-level model (trained once per seed) and half on the high level."""
@@ -149,6 +149,6 @@ def load_study(path: str | Path) -> StudyConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except ValidationError as err:
-        raise ConfigError(_describe(err, str(path))) from None
+        raise ConfigError(describe_validation_error(err, str(path))) from None
     cfg.path = path.resolve()
     return cfg

@@ -15,8 +15,10 @@ import yaml
 
 from mfmlip.data.structures import Structure, read_structures
 from mfmlip.study.config import DELTA, SINGLE, TRANSFER, StudyConfig
-from mfmlip.training.config import Config, ConfigError, FileConfig, SplitConfig
+from mfmlip.training.checks import check_fidelity_names, check_label_keys
+from mfmlip.training.config import Config, ConfigError, FileConfig, SplitConfig, data_file
 from mfmlip.training.data import read_entry
+from mfmlip.training.rundir import earlier_run, write_run_config
 
 LOW = "low"  # the low-level model that transfer starts from and delta corrects
 MAX_EPOCHS = 1_000_000  # runs stop on training.max_steps
@@ -79,7 +81,7 @@ def _count(spec: float | int, n: int) -> int:
     return int(spec) if isinstance(spec, int) else max(1, round(spec * n))
 
 
-def _write_split(path: Path, **parts) -> str:
+def write_split(path: Path, **parts) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump({k: [int(i) for i in v] for k, v in parts.items()}))
     return str(path.resolve())
@@ -107,11 +109,13 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     Raises
     ------
     ConfigError, DataError
-        Missing files, several fidelities in the high file, or an empty pool.
+        Missing files, label keys or fidelity names that match nothing,
+        several fidelities in the high file, or an empty pool.
     """
     out = cfg.results_dir().resolve()
     d = cfg.data
-    _, high, _ = read_entry(d.high, d, root, reader)
+    every, high, _ = read_entry(d.high, d, root, reader)
+    check_label_keys(d.high, data_file(root, d.high.path), "data.high", every)
     high_fidelity = _only_fidelity(high, f"data.high ({d.high.path})")
     rng = np.random.default_rng(d.split_seed)
     order = rng.permutation(len(high))
@@ -125,11 +129,12 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
 
     low_entries, low_fidelities = [], []
     for k, fc in enumerate(d.low):
-        _, kept, _ = read_entry(fc, d, root, reader)
+        every, kept, _ = read_entry(fc, d, root, reader)
+        check_label_keys(fc, data_file(root, fc.path), f"data.low[{k}]", every)
         low_fidelities.append(_only_fidelity(kept, f"data.low[{k}] ({fc.path})"))
         usable = rng.permutation([s.frame for s in kept if fingerprint(s) not in held_out])[: d.low_max]
         n_val = _count(d.low_val, len(usable))
-        split = _write_split(out / "splits" / f"low_{k}.yaml", train=usable[n_val:], val=usable[:n_val])
+        split = write_split(out / "splits" / f"low_{k}.yaml", train=usable[n_val:], val=usable[:n_val])
         low_entries.append(_entry(fc, split))
         report.append(
             f"low level {low_fidelities[-1]}: {len(kept)} frames, {len(kept) - len(usable)} unused "
@@ -138,6 +143,8 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     base_fidelity = cfg.options.base_fidelity or low_fidelities[0]
     if base_fidelity not in low_fidelities:
         raise ConfigError(f"options.base_fidelity {base_fidelity!r}: the low levels are {low_fidelities}")
+    check_fidelity_names(cfg.training.fidelity_weights, [*low_fidelities, high_fidelity])
+    levels = (low_fidelities, high_fidelity)
 
     runs = []
     steps = cfg.training.max_steps
@@ -145,16 +152,18 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
         low_name = f"{LOW}/seed{seed}"
         if {TRANSFER, DELTA} & set(cfg.grid.methods) or set(cfg.grid.selections) - {"random"}:
             runs.append(Run(low_name, LOW, None, seed, 0, _config(
-                cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, steps // 2, root)))
+                cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, steps // 2, root,
+                low_fidelities)))
         order = np.random.default_rng(seed).permutation(pool)
         for selection in cfg.grid.selections:
             for fraction in cfg.grid.fractions:
                 runs += _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries, root,
-                                       base_fidelity, low_name)
+                                       base_fidelity, low_name, levels)
     return Plan(runs, high_fidelity, n_test, len(pool), report)
 
 
-def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries, root, base_fidelity, low_name):
+def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries, root, base_fidelity, low_name,
+                   levels):
     """The runs of every method at one fraction and seed. Random picks are
     nested across fractions; DIRECT and narrow picks are made when the run
     starts, with the seed's low-level model as encoder."""
@@ -165,7 +174,7 @@ def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries
     split = out / "splits" / f"high_{tag}.yaml"
     choose = None
     if selection == "random":
-        _write_split(split, train=order[n_val:n], val=order[:n_val], test=[s.frame for s in test])
+        write_split(split, train=order[n_val:n], val=order[:n_val], test=[s.frame for s in test])
     else:
         choose = {"selection": selection, "n": n, "n_val": n_val, "seed": seed, "pool": [int(i) for i in order],
                   "test": [s.frame for s in test], "split": str(split.resolve()), "fidelity": base_fidelity,
@@ -176,29 +185,35 @@ def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries
     for method in cfg.grid.methods:
         name = f"{method}/{tag}"
         config = _method_run(cfg, method, out / "runs" / name, high_entry, low_entries, seed, cfg.training.max_steps,
-                             root, base_fidelity, low_name)
+                             root, base_fidelity, low_name, levels)
         starts_from_low = config.training.init_from or config.training.delta_from or choose
         runs.append(Run(name, method, fraction, seed, n, config, low_name if starts_from_low else None,
                         selection, choose))
     return runs
 
 
-def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root, base_fidelity, low_name):
+def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root, base_fidelity, low_name, levels):
+    """The config of one run; ``levels`` is (low fidelities, high fidelity)."""
     low_model = str(cfg.results_dir().resolve() / "runs" / low_name / "model.pt")
+    high = [levels[1]]
     if method == SINGLE:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps, root)
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps, root, high)
     if method == TRANSFER:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root,
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root, high,
                        init_from=low_model, new_fidelity_like=base_fidelity, freeze=cfg.options.transfer_freeze)
     if method == DELTA:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root,
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root, high,
                        delta_from=low_model, delta_fidelity=base_fidelity)
-    return _config(cfg, folder, [*low_entries, high_entry], method, seed, steps, root)
+    return _config(cfg, folder, [*low_entries, high_entry], method, seed, steps, root, [*levels[0], *high])
 
 
 def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, steps: int, root: Path,
-            **training) -> Config:
+            fidelities: list[str], **training) -> Config:
+    """One run's training config, written to ``folder/config.yaml`` unless the
+    folder holds a started run (whose stored config its resume compares with).
+    ``fidelities`` are the run's data's: ``fidelity_weights`` keeps only those."""
     t = cfg.training
+    weights = {name: w for name, w in t.fidelity_weights.items() if name in fidelities}
     run = Config(
         seed=seed,
         output_dir=str(folder),
@@ -207,9 +222,11 @@ def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, steps
         model=cfg.model.model_copy(update={"fidelity_scheme": scheme}),
         training=t.model_copy(update={
             "max_steps": max(1, steps), "max_epochs": MAX_EPOCHS,
-            "val_interval_steps": t.val_interval_steps or max(1, steps // 20), **training,
+            "val_interval_steps": t.val_interval_steps or max(1, steps // 20), "fidelity_weights": weights,
+            **training,
         }),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(run.model_dump(mode="json"), sort_keys=False))
-    return Config.model_validate(run.model_dump())
+    if not earlier_run(folder):
+        write_run_config(run, folder, root)
+    return Config.model_validate(run.model_dump(exclude_unset=True))  # what the study set, as a user would

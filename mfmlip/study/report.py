@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mfmlip.analysis.figures import save_figure
+from mfmlip.analysis.figures import new_figure, save_figure
 from mfmlip.atomic_io import atomic_write
 from mfmlip.study.config import SINGLE, StudyConfig
 
@@ -160,13 +160,8 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
 def learning_curve(rows: list[dict], path: Path, title: str) -> Path:
     """Test MAE against the number of high-level structures, one line per
     method, error bars = std over seeds; one panel per labelled quantity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [q for q in QUANTITIES if any(r[f"{q}_mae"] != "" for r in rows)] or ["energy"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, q in zip(axes[0], panels):
         stats = summarise(rows, f"{q}_mae")
         for method in dict.fromkeys(label(r) for r in rows):
@@ -179,6 +174,7 @@ def learning_curve(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_xlabel("high-level training structures")
         ax.set_ylabel(f"test {q} MAE [{QUANTITIES[q]}]")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # no run finished: nothing to label
+        axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)

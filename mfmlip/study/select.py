@@ -10,7 +10,7 @@ import numpy as np
 
 from mfmlip.model.serialization import load_model
 from mfmlip.sampling import encode, principal_components, select
-from mfmlip.study.plan import Run, _write_split
+from mfmlip.study.plan import Run, write_split
 from mfmlip.training.data import read_entry
 
 
@@ -40,4 +40,4 @@ def choose_high(run: Run, reader) -> None:
     else:
         picked = select(vectors, c["n"], "direct", seed=c["seed"], **c["direct"])
     chosen = np.random.default_rng(c["seed"]).permutation(pool[picked])
-    _write_split(Path(c["split"]), train=chosen[c["n_val"]:], val=chosen[: c["n_val"]], test=c["test"])
+    write_split(Path(c["split"]), train=chosen[c["n_val"]:], val=chosen[: c["n_val"]], test=c["test"])

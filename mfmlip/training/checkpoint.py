@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from mfmlip.model.serialization import atomic_torch_save
+from mfmlip.atomic_io import atomic_torch_save
 
 
 def nonfinite_weights(state_dict: dict) -> list[str]:

@@ -17,7 +17,8 @@ from pydantic import (
     ValidationError, field_validator,
 )
 
-from mfmlip.model.fidelity import SCHEMES, SITES
+from mfmlip.keys import FLOAT_DTYPES
+from mfmlip.model.spec import Architecture
 
 Size = Optional[Union[NonNegativeFloat, NonNegativeInt]]
 LABEL_NAMES = ("energy", "forces", "stress")
@@ -27,11 +28,11 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SplitConfig(_Strict):
+class SplitConfig(StrictModel):
     """Sizes are fractions (<= 1.0) or counts; ``null`` takes the rest.
 
     ``file`` gives explicit indices instead (YAML/JSON with train/val/test lists
@@ -45,14 +46,14 @@ class SplitConfig(_Strict):
     seed: Optional[int] = None
 
 
-class FilterConfig(_Strict):
+class FilterConfig(StrictModel):
     """Drop frames far from the bulk of the data (see ``mfmlip.data.selection``)."""
 
     max_energy_above_min_per_atom: Optional[PositiveFloat] = None
     max_abs_force: Optional[PositiveFloat] = None
 
 
-class FileConfig(_Strict):
+class FileConfig(StrictModel):
     """One data file; ``path`` is relative to the data root."""
 
     path: str
@@ -69,7 +70,7 @@ class FileConfig(_Strict):
     filter: FilterConfig = FilterConfig()
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     root: Optional[str] = None
     fidelity_key: str = "fidelity"
     allow_missing_labels: bool = True
@@ -78,40 +79,26 @@ class DataConfig(_Strict):
     e0_ridge: NonNegativeFloat = 0.0
 
 
-class ModelConfig(_Strict):
-    cutoff: PositiveFloat = 5.0
-    channels: PositiveInt = 32
-    lmax: int = Field(1, ge=0, le=4)
-    num_layers: PositiveInt = 3
-    num_radial: PositiveInt = 8
-    radial_hidden: PositiveInt = 64
-    envelope_p: PositiveInt = 6
-    fidelity_scheme: str = "one_hot_linear"
-    fidelity_sites: list[Literal["pre", "post", "readout"]] = list(SITES)
-    fidelity_dim: PositiveInt = 16
-    dtype: Literal["float32", "float64"] = "float32"
+class ModelConfig(Architecture):
+    """The ``model:`` section: the architecture (:class:`mfmlip.model.spec.Architecture`)
+    and the training dtype."""
 
-    @field_validator("fidelity_scheme")
-    @classmethod
-    def _known_scheme(cls, v):
-        if v not in SCHEMES:
-            raise ValueError(f"unknown fidelity scheme '{v}'; choose from {sorted(SCHEMES)}")
-        return v
+    dtype: Literal[FLOAT_DTYPES] = "float32"
 
 
-class LossWeights(_Strict):
+class LossWeights(StrictModel):
     energy: NonNegativeFloat = 1.0
     forces: NonNegativeFloat = 10.0
     stress: NonNegativeFloat = 0.0
 
 
-class WeightOverride(_Strict):
+class WeightOverride(StrictModel):
     energy: Optional[NonNegativeFloat] = None
     forces: Optional[NonNegativeFloat] = None
     stress: Optional[NonNegativeFloat] = None
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     batch_size: PositiveInt = 16
     max_epochs: PositiveInt = 100
     max_steps: Optional[PositiveInt] = None  # optimiser steps; the cosine decay then runs over steps
@@ -135,8 +122,27 @@ class TrainingConfig(_Strict):
     delta_from: Optional[str] = None  # base model file: train a correction to its predictions
     delta_fidelity: Optional[str] = None  # the base model's fidelity to correct (default: its first)
     num_workers: int = Field(0, ge=0)
-    device: str = "cpu"
+    device: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "cpu"  # checked on this machine at train time
     eval_batch_size: PositiveInt = 64
+    # {fidelity: share} of each epoch's training draws (normalised to sum 1; every training
+    # fidelity needs one); empty: uniform over structures. See mfmlip.training.sampler.
+    sampling: dict[str, PositiveFloat] = {}
+    # metric that picks the best checkpoint and drives early stopping (lower is better):
+    # "val_loss", or "val_energy_mae/<fidelity>" / "val_forces_mae/<fidelity>" (meV units)
+    monitor: str = "val_loss"
+
+    @field_validator("sampling")
+    @classmethod
+    def _normalised(cls, v):
+        total = sum(v.values())
+        return {k: s / total for k, s in v.items()}
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, v):
+        if v != "val_loss" and not v.startswith(("val_energy_mae/", "val_forces_mae/")):
+            raise ValueError(f"monitor '{v}': use val_loss, val_energy_mae/<fidelity> or val_forces_mae/<fidelity>")
+        return v
 
     def weights_for(self, fidelity: str) -> tuple[float, float, float]:
         """(energy, forces, stress) weights of one fidelity."""
@@ -147,7 +153,7 @@ class TrainingConfig(_Strict):
         )
 
 
-class Config(_Strict):
+class Config(StrictModel):
     seed: int = 0
     output_dir: str = "runs/default"
     data: DataConfig
@@ -157,7 +163,7 @@ class Config(_Strict):
     path: Optional[Path] = Field(None, exclude=True)
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -187,7 +193,7 @@ def load_config(path: str | Path) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err, str(path))) from None
+        raise ConfigError(describe_validation_error(err, str(path))) from None
     cfg.path = path.resolve()
     return cfg
 

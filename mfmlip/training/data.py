@@ -9,11 +9,13 @@ import numpy as np
 import torch
 
 from mfmlip import keys as K
-from mfmlip.analysis.evaluate import predict_batches
 from mfmlip.data.e0 import build_e0_table, composition_matrix
 from mfmlip.data.graph import collate, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
 from mfmlip.data.structures import DataError, Structure, read_structures
+from mfmlip.model.inference import Predictor
+from mfmlip.model.interface import fidelity_index
+from mfmlip.training.checks import check_energies_for_e0, check_label_keys
 from mfmlip.training.config import Config, FileConfig, data_file
 
 
@@ -28,7 +30,7 @@ class PreparedData:
 
     def graphs(self, split: str, cutoff: float) -> list[dict]:
         return [
-            structure_to_graph(s, cutoff, self.fidelities.index(s.fidelity)) for s in self.splits[split]
+            structure_to_graph(s, cutoff, fidelity_index(self.fidelities, s.fidelity)) for s in self.splits[split]
         ]
 
 
@@ -88,22 +90,32 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
     splits = {k: [] for k in SPLITS}
     report = []
     base = cfg.path.parent if cfg.path else Path.cwd()
-    for fc in cfg.data.files:
+    sources = {}  # fidelity -> the entries it comes from
+    for i, fc in enumerate(cfg.data.files):
+        where = f"data.files[{i}]"
         structures, kept, dropped = read_entry(fc, cfg.data, root, reader)
-        parts = _split_file(fc, kept, base, cfg.seed)
+        counts = check_label_keys(fc, data_file(root, fc.path), where, structures)
+        try:
+            parts = _split_file(fc, kept, base, cfg.seed)
+        except DataError as err:
+            raise DataError(f"{where} ({fc.path}): {err}") from None
         for k in ("train", "val"):  # the test split is scored on every label the file has
             parts[k] = _strip_labels(parts[k], fc.labels)
         for k in SPLITS:
             splits[k].extend(parts[k])
         fids = sorted({s.fidelity for s in kept})
+        for f in fids:
+            sources.setdefault(f, []).append(f"{where} {fc.path}, energy_key {fc.energy_key!r}")
         report.append(
-            f"{fc.path} [{', '.join(fids)}]: {len(structures)} frames, {len(dropped)} dropped by filter, "
-            + ", ".join(f"{k} {len(parts[k])}" for k in SPLITS)
+            f"{fc.path} [{', '.join(fids)}]: {len(structures)} frames (labels: "
+            + ", ".join(f"{k} {n}" + ("" if k in fc.labels else " unused") for k, n in counts.items())
+            + f"), {len(dropped)} dropped by filter, " + ", ".join(f"{k} {len(parts[k])}" for k in SPLITS)
         )
     if not splits["train"]:
         raise DataError("empty dataset: no training structures after filtering and splitting")
     if not splits["val"]:
         raise DataError("no validation structures: give split.val > 0 for at least one file")
+    check_energies_for_e0(cfg, splits["train"], sources)
     fidelities = list(dict.fromkeys(s.fidelity for k in SPLITS for s in splits[k]))
     species = sorted({int(z) for k in ("train", "val") for s in splits[k] for z in s.atomic_numbers})
     for s in splits["test"]:
@@ -126,7 +138,7 @@ def subtract_base(structures: list[Structure], base, fidelity: str, batch_size: 
     """
     stress = any(s.stress is not None for s in structures)
     out = []
-    for chunk, batch, pred in predict_batches(base, structures, fidelity, batch_size, stress=stress):
+    for chunk, batch, pred in Predictor(base, fidelity).predict(structures, batch_size, stress=stress):
         forces = torch.split(pred[K.FORCES].double().cpu(), batch[K.N_ATOMS].tolist())
         for i, (s, f) in enumerate(zip(chunk, forces, strict=True)):
             out.append(replace(
@@ -200,13 +212,21 @@ class EpochShuffle(torch.utils.data.Sampler):
         return self.n * self.passes
 
 
+def epoch_passes(n: int, batch_size: int, min_batches: int = 1) -> int:
+    """Passes over ``n`` items that make an epoch of at least ``min_batches`` batches."""
+    return max(1, -(-min_batches * batch_size // max(n, 1)))
+
+
 def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                min_batches: int = 1):
+                min_batches: int = 1, sampler: torch.utils.data.Sampler | None = None):
     """DataLoader over prebuilt graphs that yields collated batches; a shuffled
-    one repeats the data within an epoch until it has ``min_batches`` batches."""
-    passes = max(1, -(-min_batches * batch_size // max(len(graphs), 1)))
+    one repeats the data within an epoch until it has ``min_batches`` batches.
+    ``sampler`` (e.g. :class:`mfmlip.training.sampler.FidelityShareSampler`)
+    replaces the shuffle."""
+    if sampler is None and shuffle:
+        sampler = EpochShuffle(len(graphs), seed, epoch_passes(len(graphs), batch_size, min_batches))
     return torch.utils.data.DataLoader(
         GraphDataset(graphs), batch_size=batch_size, collate_fn=collate,
-        sampler=EpochShuffle(len(graphs), seed, passes) if shuffle else None,
+        sampler=sampler,
         num_workers=num_workers, persistent_workers=num_workers > 0,
     )

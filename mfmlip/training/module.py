@@ -8,28 +8,28 @@ import torch
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
-from mfmlip.model.potential import MFPotential
+from mfmlip.model.interface import Potential
+from mfmlip.training.config import TrainingConfig
 from mfmlip.training.loss import MaskedLoss
 
 
 class MFLightningModule(L.LightningModule):
-    """Trains an :class:`MFPotential`.
+    """Trains a :class:`~mfmlip.model.interface.Potential`.
 
     Parameters
     ----------
-    model_hparams : keyword arguments of :class:`MFPotential` (e0 included).
-    loss_weights : (n_fidelities, 3) energy/forces/stress weights.
-    optim : dict with lr, min_lr_ratio, optimizer, weight_decay, max_epochs, max_steps, loss,
-        huber_delta, nonfinite_loss ("stop" or "skip").
-    dtype : "float32" or "float64".
+    model : the potential, already in its training dtype.
+    training : the typed ``training:`` section of the config (optimiser,
+        schedule, loss kind, non-finite handling).
+    loss_weights : (n_fidelities, 3) energy/forces/stress weights, in the
+        order of ``model.fidelities``.
     """
 
-    def __init__(self, model_hparams: dict, loss_weights, optim: dict, dtype: str = "float32"):
+    def __init__(self, model: Potential, training: TrainingConfig, loss_weights):
         super().__init__()
-        self.save_hyperparameters()
-        self.model = MFPotential(**model_hparams).to(getattr(torch, dtype))
-        self.loss_fn = MaskedLoss(torch.as_tensor(loss_weights), optim["loss"], optim["huber_delta"])
-        self.optim = optim
+        self.model = model
+        self.training_config = training
+        self.loss_fn = MaskedLoss(torch.as_tensor(loss_weights), training.loss, training.huber_delta)
         self._val_metrics = None
         self.train_sources: list[str] = []  # set by the run, for error messages
         self.skipped_batches = 0
@@ -64,7 +64,7 @@ class MFLightningModule(L.LightningModule):
 
     def _nonfinite(self, problem: str):
         """Stop with the batch's structures named, or skip the batch and count it."""
-        if self.optim.get("nonfinite_loss") == "skip":
+        if self.training_config.nonfinite_loss == "skip":
             self.skipped_batches += 1
             return None  # Lightning skips the optimiser step
         raise FloatingPointError(
@@ -106,11 +106,10 @@ class MFLightningModule(L.LightningModule):
                     self.log(f"val_{q}_mae/{fid}", m[f"{q}_mae"], prog_bar=False)
 
     def configure_optimizers(self):
-        o = self.optim
-        cls = torch.optim.AdamW if o["optimizer"] == "adamw" else torch.optim.Adam
-        opt = cls(self.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        steps = o.get("max_steps")
+        t = self.training_config
+        cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=steps or o["max_epochs"], eta_min=o["lr"] * o["min_lr_ratio"]
+            opt, T_max=t.max_steps or t.max_epochs, eta_min=t.lr * t.min_lr_ratio
         )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step" if steps else "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step" if t.max_steps else "epoch"}}

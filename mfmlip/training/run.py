@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
 from mfmlip.data.e0 import build_e0_table, e0_as_dict
@@ -24,36 +25,32 @@ from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
 from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
+from mfmlip.model.spec import ModelSpec
 from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEpoch
+from mfmlip.training.checks import check_device, check_training_fidelities
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import (
-    average_neighbors, make_loader, prepare_data, subtract_base, training_statistics,
+    average_neighbors, epoch_passes, make_loader, prepare_data, subtract_base, training_statistics,
 )
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
+from mfmlip.training.sampler import FidelityShareSampler
+from mfmlip.training.rundir import prepare_output_dir, write_run_config
 
 MODEL_FILE = "model.pt"
-OPTIM_KEYS = {"lr", "min_lr_ratio", "optimizer", "weight_decay", "max_epochs", "max_steps", "loss", "huber_delta", "nonfinite_loss"}
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 
 
-def _model_hparams(cfg: Config, data, stats) -> dict:
-    m = cfg.model
-    return dict(
-        species=data.species, fidelities=data.fidelities, cutoff=m.cutoff, channels=m.channels,
-        lmax=m.lmax, num_layers=m.num_layers, num_radial=m.num_radial, radial_hidden=m.radial_hidden,
-        envelope_p=m.envelope_p,
-        fidelity_scheme=m.fidelity_scheme, fidelity_sites=tuple(m.fidelity_sites), fidelity_dim=m.fidelity_dim,
-        e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"],
-    )
+def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotential:
+    """A new potential: the config's architecture, the data's species and fidelities."""
+    spec = ModelSpec(**cfg.model.model_dump(exclude={"dtype"}), species=data.species,
+                     fidelities=data.fidelities, avg_num_neighbors=avg_num_neighbors)
+    return MFPotential(spec, e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"])
 
 
-def _initial_model(cfg: Config, data, stats) -> tuple[dict, MFPotential | None]:
-    """Hyperparameters of a fresh model, or of ``training.init_from`` extended
-    by the data's new fidelities (each a copy of ``training.new_fidelity_like``,
-    with E0 fitted on the training split) together with that model."""
-    if not cfg.training.init_from:
-        return _model_hparams(cfg, data, stats), None
+def _init_from_model(cfg: Config, data) -> MFPotential:
+    """``training.init_from`` extended by the data's new fidelities (each a copy
+    of ``training.new_fidelity_like``, with E0 fitted on the training split)."""
     base = load_model(cfg.training.init_from, dtype=torch.float64)
     unknown = sorted(set(data.species) - set(base.species))
     if unknown:
@@ -70,7 +67,7 @@ def _initial_model(cfg: Config, data, stats) -> tuple[dict, MFPotential | None]:
         with torch.no_grad():
             for row, name in zip(table, new, strict=True):
                 base.e0[base.fidelity_index(name)] = torch.as_tensor(row)
-    return dict(base.hparams, e0=base.e0, energy_scale=float(base.energy_scale)), base
+    return base
 
 
 def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
@@ -95,10 +92,10 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
     t = cfg.training
     callbacks = [
         ModelCheckpoint(
-            dirpath=out / "checkpoints", filename="best", monitor="val_loss", save_top_k=1,
+            dirpath=out / "checkpoints", filename="best", monitor=t.monitor, save_top_k=1,
             save_last=True, enable_version_counter=False,
         ),
-        EarlyStopping(monitor="val_loss", patience=t.patience),
+        EarlyStopping(monitor=t.monitor, patience=t.patience),
         progress_callback(n_batches),
     ]
     if t.ema_decay:
@@ -128,7 +125,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
 
 def train(
     config: str | Path | Config, data_root: str | Path | None = None, resume: bool = False,
-    reader=read_structures,
+    reader=read_structures, overwrite: bool = False,
 ) -> Path:
     """Train the model a config describes; return the path of the model file.
 
@@ -138,43 +135,52 @@ def train(
     Writes into ``output_dir``: ``model.pt`` (best validation weights),
     ``checkpoints/{best,last}.ckpt``, ``logs/version_N/metrics.csv`` (one per
     fit; a resumed run adds a version, see :func:`read_metrics`),
-    ``test_metrics.json`` and ``parity_test.png`` when a test split exists.
+    ``test_metrics.json`` and ``parity_test.png`` when a test split exists,
+    and ``config.yaml`` (the resolved config) before training starts.
+
+    An ``output_dir`` that holds an earlier run is refused unless ``resume``
+    (the config may not change the model or the data) or ``overwrite`` (the
+    earlier run is deleted); see :mod:`mfmlip.training.rundir`.
 
     Raises
     ------
     ConfigError, DataError
-        Invalid config or data.
+        Invalid config or data, a device this machine lacks, or an output_dir
+        holding an earlier run.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     for key in ("init_from", "delta_from"):
         given = getattr(cfg.training, key)
         if given and not Path(given).is_file():
             raise ConfigError(f"training.{key}: model file {given} not found")
-    out = Path(cfg.output_dir)
+    out, root = Path(cfg.output_dir), resolve_data_root(cfg, data_root)
+    check_device(cfg)
+    prepare_output_dir(cfg, out, root, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    data = prepare_data(cfg, resolve_data_root(cfg, data_root), reader)
+    data = prepare_data(cfg, root, reader)
+    check_training_fidelities(cfg.training, data.fidelities)
+    write_run_config(cfg, out, root)
     print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
     base = _delta_base(cfg, data)
     stats = training_statistics(data, cfg)
-    hparams, initial = _initial_model(cfg, data, stats)
-    data.fidelities = hparams["fidelities"]  # graphs index the model's fidelity list
-    t = cfg.training
-    train_graphs = data.graphs("train", hparams["cutoff"])
-    if initial is None:
-        hparams["avg_num_neighbors"] = average_neighbors(train_graphs)
-    weights = [cfg.training.weights_for(f) for f in data.fidelities]
-    optim = cfg.training.model_dump(include=OPTIM_KEYS)
-    module = MFLightningModule(hparams, weights, optim, cfg.model.dtype)
+    initial = _init_from_model(cfg, data) if cfg.training.init_from else None
     if initial is not None:
-        module.model.load_state_dict(initial.state_dict())
-    freeze(module.model, cfg.training.freeze)
+        data.fidelities = initial.fidelities  # graphs index the model's fidelity list
+    cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
+    t = cfg.training
+    train_graphs = data.graphs("train", cutoff)
+    model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_graphs))
+    weights = [t.weights_for(f) for f in data.fidelities]
+    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)), t, weights)
+    freeze(module.model, t.freeze)
     module.train_sources = [s.source for s in data.splits["train"]]
     # step-budgeted runs with step-wise validation: an epoch spans at least one validation interval
-    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed,
-                               min_batches=t.val_interval_steps or 1)
-    val_loader = make_loader(data.graphs("val", hparams["cutoff"]), t.eval_batch_size, False, t.num_workers)
+    min_batches = t.val_interval_steps or 1
+    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed, min_batches,
+                               sampler=_share_sampler(cfg, data, train_graphs, min_batches))
+    val_loader = make_loader(data.graphs("val", cutoff), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
     try:
@@ -205,6 +211,31 @@ def train(
         _test_report(model, data, cfg, out)
     print(f"total time {time.time() - started:.0f} s", flush=True)
     return model_path
+
+
+def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int):
+    """The :class:`FidelityShareSampler` of ``training.sampling`` (None without it),
+    with as many draws per epoch as the default shuffle.
+
+    Raises
+    ------
+    ConfigError
+        A training fidelity without a share (unknown names are refused before,
+        by :func:`~mfmlip.training.checks.check_training_fidelities`).
+    """
+    t = cfg.training
+    if not t.sampling:
+        return None
+    present = sorted({s.fidelity for s in data.splits["train"]})
+    missing = sorted(set(present) - set(t.sampling))
+    if missing:
+        raise ConfigError(f"training.sampling: no share for {missing} (training fidelities: {present})")
+    n = len(train_graphs)
+    return FidelityShareSampler(
+        [int(g[K.FIDELITY]) for g in train_graphs],
+        {data.fidelities.index(f): share for f, share in t.sampling.items()},
+        num_samples=n * epoch_passes(n, t.batch_size, min_batches), seed=cfg.seed,
+    )
 
 
 def _label_counts(structures) -> dict:
