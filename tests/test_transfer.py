@@ -47,3 +47,21 @@ def test_unknown_freeze_target_is_named(pretrained, data_dir):
     cfg = _write(tmp, "bad", files, init_from=str(low_path), freeze=["embeding"])
     with pytest.raises(ConfigError, match="'embeding' matches no parameter"):
         train(cfg, data_root=data_dir)
+
+
+def test_fine_tuning_trains_in_train_mode_so_forces_reach_the_weights(pretrained, data_dir, monkeypatch):
+    # a loaded model comes in eval mode, whose forces keep no graph: the force loss would be dead
+    from mfmlip.training.module import MFLightningModule
+
+    modes = []
+    original = MFLightningModule.training_step
+
+    def record(self, batch, batch_idx):
+        modes.append(self.model.training)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(MFLightningModule, "training_step", record)
+    tmp, low_path = pretrained
+    files = [{"path": "malonaldehyde/GFN2-xTB.extxyz", "index": "80:120", "split": {"train": 30, "val": 10}}]
+    train(_write(tmp, "forces", files, init_from=str(low_path), max_epochs=1), data_root=data_dir)
+    assert modes and all(modes)

@@ -173,7 +173,8 @@ def train(
     train_graphs = data.graphs("train", cutoff)
     model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_graphs))
     weights = [t.weights_for(f) for f in data.fidelities]
-    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)), t, weights)
+    # train mode: a loaded init_from model comes in eval mode, whose forces keep no graph
+    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, weights)
     freeze(module.model, t.freeze)
     module.train_sources = [s.source for s in data.splits["train"]]
     # step-budgeted runs with step-wise validation: an epoch spans at least one validation interval
