@@ -6,7 +6,8 @@ returns large blocks to the system and faults them in again.
 :func:`tune_glibc_malloc` stops that in-process (no extra package); tcmalloc
 (Debian ``libtcmalloc-minimal4``) can only be preloaded when a process
 starts, so the ``mfmlip`` command re-executes itself once when it is
-installed. ``MFMLIP_ALLOCATOR=system`` turns both off. Measured in
+installed. ``MFMLIP_ALLOCATOR=glibc`` skips tcmalloc (tuned glibc only),
+``MFMLIP_ALLOCATOR=system`` turns both off. Measured in
 ``benchmarks/allocator.py`` (docs/benchmarks/allocator.md).
 """
 

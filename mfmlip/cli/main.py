@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if argv is None:
         reexec_with_tcmalloc(sys.argv[1:])
-        if not os.environ.get(ALLOCATOR_ENV):
+        if os.environ.get(ALLOCATOR_ENV, "glibc") == "glibc":  # no tcmalloc, or MFMLIP_ALLOCATOR=glibc
             tune_glibc_malloc()
     from mfmlip.data.structures import DataError
     from mfmlip.training.config import ConfigError
