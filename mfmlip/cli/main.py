@@ -15,9 +15,6 @@ from pathlib import Path
 from mfmlip.cli import types
 from mfmlip.cli.allocator import ENV as ALLOCATOR_ENV
 from mfmlip.cli.allocator import reexec_with_tcmalloc, tune_glibc_malloc
-from mfmlip.cli.sample import add_parsers as add_sample_parsers
-from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
-from mfmlip.cli.study import add_parsers as add_study_parsers
 
 TRACEBACK_ENV = "MFMLIP_TRACEBACK"  # set to 1: unexpected errors end in their traceback
 
@@ -97,6 +94,12 @@ def _info(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # here, not at the top: the sub-parsers import the library (torch), which the console
+    # script's first process, about to re-execute under tcmalloc, does not need
+    from mfmlip.cli.sample import add_parsers as add_sample_parsers
+    from mfmlip.cli.simulate import add_parsers as add_simulation_parsers
+    from mfmlip.cli.study import add_parsers as add_study_parsers
+
     parser = argparse.ArgumentParser(
         prog="mfmlip",
         description="Multi-fidelity machine-learning interatomic potentials (units: eV, Angstrom).",
@@ -141,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; ``argv=None`` (the console script) reads ``sys.argv``, may
     re-execute under tcmalloc first and otherwise tunes glibc's allocator
     (:mod:`mfmlip.cli.allocator`)."""
-    args = build_parser().parse_args(argv)
-    if argv is None:
+    if argv is None:  # before the parser: its imports (torch) are then paid once, after the re-exec
         reexec_with_tcmalloc(sys.argv[1:])
         if os.environ.get(ALLOCATOR_ENV, "glibc") == "glibc":  # no tcmalloc, or MFMLIP_ALLOCATOR=glibc
             tune_glibc_malloc()
+    args = build_parser().parse_args(argv)
     from mfmlip.data.structures import DataError
     from mfmlip.training.config import ConfigError
 
