@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -64,12 +63,14 @@ def _evaluate(args) -> None:
     from mfmlip.analysis.metrics import format_table
     from mfmlip.data.structures import DataError, read_structures
     from mfmlip.model.serialization import load_model
+    from mfmlip.training.checks import label_counts
 
     model = load_model(args.model, device=args.device)
     model.fidelity_index(args.fidelity)  # clear error before reading data
     structures = read_structures(args.data, args.index, fidelity=args.fidelity, energy_key=args.energy_key,
                                  forces_key=args.forces_key)
-    labelled = any(s.forces is not None or math.isfinite(s.energy) for s in structures)
+    counts = label_counts(structures)
+    labelled = counts["energy"] or counts["forces"]
     unknown = {int(z) for s in structures for z in s.atomic_numbers} - set(model.species)
     if not (labelled or args.predictions_only or unknown):  # unknown elements: evaluate names them first
         raise DataError(_no_labels(args))

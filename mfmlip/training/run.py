@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -25,9 +24,10 @@ from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
 from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
+from mfmlip.model.interface import fidelity_index
 from mfmlip.model.spec import ModelSpec
 from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEpoch
-from mfmlip.training.checks import check_device, check_training_fidelities
+from mfmlip.training.checks import check_device, check_training_fidelities, label_counts
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import (
     average_neighbors, epoch_passes, make_loader, prepare_data, subtract_base, training_statistics,
@@ -234,7 +234,7 @@ def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int
     n = len(train_graphs)
     return FidelityShareSampler(
         [int(g[K.FIDELITY]) for g in train_graphs],
-        {data.fidelities.index(f): share for f, share in t.sampling.items()},
+        {fidelity_index(data.fidelities, f): share for f, share in t.sampling.items()},
         num_samples=n * epoch_passes(n, t.batch_size, min_batches), seed=cfg.seed,
     )
 
@@ -242,14 +242,10 @@ def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int
 def _label_counts(structures) -> dict:
     """``{fidelity: {"structures", "energy", "forces", "stress"}}``: how many training
     structures of each fidelity, and how many carry each label."""
-    counts = {}
+    groups = {}
     for s in structures:
-        c = counts.setdefault(s.fidelity, dict.fromkeys(("structures", "energy", "forces", "stress"), 0))
-        c["structures"] += 1
-        c["energy"] += int(np.isfinite(s.energy))
-        c["forces"] += int(s.forces is not None)
-        c["stress"] += int(s.stress is not None)
-    return counts
+        groups.setdefault(s.fidelity, []).append(s)
+    return {fidelity: {"structures": len(group), **label_counts(group)} for fidelity, group in groups.items()}
 
 
 def _delta_base(cfg: Config, data) -> tuple | None:
