@@ -9,6 +9,7 @@ Whole trainings here are the tiny water run of ``tiny_runs`` (about a second eac
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import ase.io
 import numpy as np
@@ -193,7 +194,7 @@ def _module(nonfinite: str) -> MFLightningModule:
     spec = ModelSpec(species=[14], fidelities=["PBE"], cutoff=4.0, channels=8, lmax=1, num_layers=1)
     training = TrainingConfig(lr=1e-3, max_epochs=1, nonfinite_loss=nonfinite)
     module = MFLightningModule(MFPotential(spec), training, [[1.0, 1.0, 0.0]])
-    module.train_sources = ["a.xyz: frame 0", "a.xyz: frame 7"]
+    module.train_structures = [SimpleNamespace(source="a.xyz: frame 0"), SimpleNamespace(source="a.xyz: frame 7")]
     with torch.no_grad():  # a diverged model
         module.model.readout.mlp[-1].bias.fill_(float("nan"))
     return module
@@ -202,8 +203,8 @@ def _module(nonfinite: str) -> MFLightningModule:
 def _batch(si_cell):
     atoms = si_cell.copy()
     atoms.info.update(fidelity="PBE", energy=-10.0)
-    graph = structure_to_graph(structure_from_atoms(atoms), 4.0, 0)
-    dataset = GraphDataset([graph, graph])
+    s = structure_from_atoms(atoms)
+    dataset = GraphDataset([s, s], 4.0, ["PBE"])
     return collate([dataset[0], dataset[1]])
 
 

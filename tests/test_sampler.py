@@ -60,9 +60,9 @@ def test_order_depends_only_on_seed_and_epoch():
 
 
 def test_loader_with_num_workers_0_yields_every_draw():
-    # minimal graphs: one atom, no edges, the fidelity index (what collate needs)
+    # minimal graphs: one atom, no edges, the fidelity index (what collate needs), the position
     graphs = [{K.N_ATOMS: torch.tensor([1]), K.EDGE_INDEX: torch.zeros(2, 0, dtype=torch.long),
-               K.FIDELITY: torch.tensor([f])} for f in FIDS]
+               K.FIDELITY: torch.tensor([f]), K.STRUCTURE_INDEX: torch.tensor([i])} for i, f in enumerate(FIDS)]
     sampler = FidelityShareSampler(FIDS, {0: 0.5, 1: 0.5}, seed=2)
     loader = make_loader(graphs, batch_size=32, shuffle=True, num_workers=0, sampler=sampler)
     assert loader.sampler is sampler and len(loader) == -(-len(FIDS) // 32)

@@ -1,4 +1,4 @@
-"""The ``mfmlip`` command line: ``train``, ``evaluate``, ``study``, and the simulation and
+"""The ``mfmlip`` command line: ``train``, ``prepare``, ``evaluate``, ``study``, and the simulation and
 analysis commands of :mod:`mfmlip.cli.simulate` (``relax``, ``eos``, ``md``,
 ``rdf``, ``adf``, ``coordination``)."""
 
@@ -22,6 +22,14 @@ def _train(args) -> None:
     from mfmlip.training.run import train
 
     train(args.config, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite)
+
+
+def _prepare(args) -> None:
+    from mfmlip.training.stores import prepare
+
+    out = args.output_dir or Path("stores") / Path(args.config).stem
+    config = prepare(args.config, out, data_root=args.data_root)
+    print(f"stores and the config that trains from them written to {out}; train with:\n  mfmlip train {config}")
 
 
 def _no_labels(args) -> str:
@@ -117,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="replace an earlier run in output_dir (its checkpoints, logs and model.pt are deleted)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("prepare", help="write a config's data files into on-disk stores (HDF5), for data "
+                       "larger than memory; then train from the config it writes")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("-o", "--output-dir", help="folder for the stores and the prepared config "
+                   "(default stores/CONFIG_NAME)")
+    p.add_argument("--data-root", help="folder data paths resolve against (as for train)")
+    p.set_defaults(func=_prepare)
 
     p = sub.add_parser("evaluate", help="metrics and parity plot of a model on labelled data")
     p.add_argument("model", help="model file (model.pt) written by mfmlip train")

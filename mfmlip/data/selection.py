@@ -9,6 +9,7 @@ import numpy as np
 import yaml
 
 from mfmlip.data.e0 import composition_matrix, fit_e0
+from mfmlip.data.store import take
 from mfmlip.data.structures import DataError, Structure
 
 SPLITS = ("train", "val", "test")
@@ -44,7 +45,8 @@ def filter_structures(
 
     Returns
     -------
-    kept structures, and the (n_dropped,) indices of the dropped ones.
+    kept structures (a list, or for a store's frames a view of the kept ones),
+    and the (n_dropped,) indices of the dropped ones.
     """
     keep = np.ones(len(structures), dtype=bool)
     if max_energy_above_min_per_atom is not None:
@@ -53,7 +55,7 @@ def filter_structures(
     if max_abs_force is not None:
         fmax = np.array([np.abs(s.forces).max() if s.forces is not None else 0.0 for s in structures])
         keep &= fmax <= max_abs_force
-    return [s for s, k in zip(structures, keep) if k], np.flatnonzero(~keep)
+    return take(structures, np.flatnonzero(keep)), np.flatnonzero(~keep)
 
 
 def _is_fraction(spec) -> bool:

@@ -18,6 +18,7 @@ Stress labels are read in one of :data:`STRESS_FORMATS`:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,6 +399,46 @@ def read_structures(path: str | Path, index: str = ":", **kwargs) -> list[Struct
         structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
         for k, atoms in zip(numbers, frames)
     ]
+
+
+def iter_structures(path: str | Path, index: str = ":", **kwargs) -> Iterator[Structure]:
+    """The frames of :func:`read_structures`, one at a time (memory bounded: for
+    files larger than memory, e.g. by ``mfmlip prepare``).
+
+    The file is not checked as a whole first; a frame ASE cannot parse raises
+    when it is reached.
+
+    Raises
+    ------
+    DataError
+        The file is missing, empty or contains no selected frame, or a frame is
+        unreadable or bad (the message names the file and the frame).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes): no structures to read")
+    sel = string2index(index)
+    if isinstance(sel, int):
+        sel = slice(sel, sel + 1 if sel != -1 else None)
+    if (sel.step or 1) < 0 or (sel.start or 0) < 0 or (sel.stop is not None and sel.stop < 0):
+        yield from read_structures(path, index, **kwargs)  # counted from the end: ASE reads it all anyway
+        return
+    start, step, count = sel.start or 0, sel.step or 1, 0
+    frames = ase.io.iread(path, index=sel)
+    while True:
+        k = start + count * step
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as err:  # ASE raises many types for malformed files
+            raise DataError(f"{path}: cannot be read by ASE: frame {k}: {type(err).__name__}: {err}") from None
+        yield structure_from_atoms(atoms, source=f"{path}: frame {k}", frame=k, **kwargs)
+        count += 1
+    if not count:
+        raise DataError(f"{path}: contains no structures" + (f" at index {index!r}" if index != ":" else ""))
 
 
 def frame_keys(path: str | Path, index: str = ":") -> list[str]:

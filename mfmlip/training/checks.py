@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfmlip.data.store import StoreFrames
 from mfmlip.data.structures import DataError, Structure, frame_keys
 from mfmlip.training.config import Config, ConfigError, FileConfig
 
@@ -54,7 +55,7 @@ def check_label_keys(fc: FileConfig, path: Path, where: str, structures: list[St
     missing = [n for n in fc.labels if counts[n] == 0]
     if not missing:
         return counts
-    keys = frame_keys(path, fc.index)
+    keys = structures.store.source["keys"] if isinstance(structures, StoreFrames) else frame_keys(path, fc.index)
     absent = [n for n in missing if getattr(fc, f"{n}_key") not in keys]  # the others are all NaN: masked
     problems = {}
     for name in absent:

@@ -54,9 +54,13 @@ class FilterConfig(StrictModel):
 
 
 class FileConfig(StrictModel):
-    """One data file; ``path`` is relative to the data root."""
+    """One data file; ``path`` is relative to the data root. ``store`` (relative
+    to the config file) is the on-disk copy of it that ``mfmlip prepare`` wrote:
+    frames are then read from the store, which must come from ``path`` with the
+    same reading options (see :mod:`mfmlip.training.stores`)."""
 
     path: str
+    store: Optional[str] = None
     fidelity: Optional[str] = None
     index: str = ":"
     labels: list[Literal["energy", "forces", "stress"]] = list(LABEL_NAMES)  # trained on; test scores all
@@ -68,6 +72,10 @@ class FileConfig(StrictModel):
     stress_format: Literal["ase", "vasp_kbar"] = "ase"
     split: SplitConfig = SplitConfig()
     filter: FilterConfig = FilterConfig()
+
+
+#: the FileConfig fields that say how frames are read (a store keeps them)
+READING_OPTIONS = ("path", "index", "fidelity", "energy_key", "forces_key", "stress_key", "stress_format")
 
 
 class DataConfig(StrictModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -12,61 +13,74 @@ from mfmlip import keys as K
 from mfmlip.data.e0 import build_e0_table, composition_matrix
 from mfmlip.data.graph import collate, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
+from mfmlip.data.store import StoreFrames, chain, fidelity_names, in_memory, take
 from mfmlip.data.structures import DataError, Structure, read_structures
 from mfmlip.model.inference import Predictor
 from mfmlip.model.interface import fidelity_index
 from mfmlip.training.checks import check_energies_for_e0, check_label_keys
 from mfmlip.training.config import Config, FileConfig, data_file
+from mfmlip.training.stores import open_store
 
 
 @dataclass
 class PreparedData:
-    """Structures per split, with the model's species and fidelity names."""
+    """Structures per split (lists, or for entries read from stores, sequences
+    that read frames from disk on access), with the model's species and
+    fidelity names."""
 
     species: list[int]
     fidelities: list[str]
-    splits: dict[str, list[Structure]]
+    splits: dict[str, Sequence[Structure]]
     report: list[str] = field(default_factory=list)
 
-    def graphs(self, split: str, cutoff: float) -> list[dict]:
-        return [
-            structure_to_graph(s, cutoff, fidelity_index(self.fidelities, s.fidelity)) for s in self.splits[split]
-        ]
+    def dataset(self, split: str, cutoff: float) -> GraphDataset:
+        """The graphs of a split: built once when its structures are in memory,
+        else on access (in DataLoader workers when ``num_workers > 0``)."""
+        frames = self.splits[split]
+        return GraphDataset(frames, cutoff, self.fidelities, cache=in_memory(frames))
 
 
-def _strip_labels(structures: list[Structure], labels: list[str]) -> list[Structure]:
-    """Copies without the labels a file entry does not train on."""
-    drop = {}
-    if "energy" not in labels:
-        drop["energy"] = float("nan")
-    for name in ("forces", "stress"):
-        if name not in labels:
-            drop[name] = None
-    return [replace(s, **drop) for s in structures] if drop else structures
+def _strip_labels(structures: Sequence[Structure], labels: list[str]) -> Sequence[Structure]:
+    """The structures without the labels a file entry does not train on."""
+    drop = [name for name in ("energy", "forces", "stress") if name not in labels]
+    if not drop:
+        return structures
+    if isinstance(structures, StoreFrames):
+        return structures.without(drop)
+    return [replace(s, **{n: float("nan") if n == "energy" else None for n in drop}) for s in structures]
 
 
-def _split_file(fc: FileConfig, kept: list[Structure], base: Path, seed: int) -> dict[str, list]:
+def _frame_numbers(structures: Sequence[Structure]) -> np.ndarray:
+    if isinstance(structures, StoreFrames):
+        return structures.frames
+    return np.array([s.frame for s in structures], dtype=np.int64)
+
+
+def _split_file(fc: FileConfig, kept: Sequence[Structure], base: Path, seed: int) -> dict[str, Sequence]:
     if fc.split.file:
         path = Path(fc.split.file) if Path(fc.split.file).is_absolute() else base / fc.split.file
-        n_frames = max(s.frame for s in kept) + 1
-        wanted = read_split_file(path, max(n_frames, 1))
-        by_frame = {s.frame: s for s in kept}
-        return {k: [by_frame[i] for i in wanted[k] if i in by_frame] for k in SPLITS}
+        frames = _frame_numbers(kept)
+        wanted = read_split_file(path, max(int(frames.max(initial=-1)) + 1, 1))
+        position = {int(f): k for k, f in enumerate(frames)}
+        return {k: take(kept, [position[int(i)] for i in wanted[k] if int(i) in position]) for k in SPLITS}
     sp = fc.split
     idx = split_indices(len(kept), sp.train, sp.val, sp.test, sp.seed if sp.seed is not None else seed)
-    return {k: [kept[i] for i in idx[k]] for k in SPLITS}
+    return {k: take(kept, idx[k]) for k in SPLITS}
 
 
-def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures):
+def read_entry(fc: FileConfig, data_cfg, root: Path, reader=read_structures, base: Path | None = None):
     """Read one ``data.files`` entry and apply its filter (to all its labels;
-    ``labels`` selects what is trained on, see :func:`prepare_data`).
+    ``labels`` selects what is trained on, see :func:`prepare_data`). An entry
+    with a store (``store:``, relative to ``base``, the config's folder) is read
+    from it, and its frames stay on disk.
 
     Returns
     -------
     structures : every frame read; kept : frames that passed the filter;
     dropped : (n_dropped,) positions in ``structures`` of the others.
     """
-    structures = reader(
+    stored = open_store(fc, data_cfg, root, base or Path.cwd())
+    structures = stored if stored is not None else reader(
         data_file(root, fc.path), fc.index, fidelity=fc.fidelity, fidelity_key=data_cfg.fidelity_key,
         energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
         stress_format=fc.stress_format, allow_missing_labels=data_cfg.allow_missing_labels,
@@ -93,8 +107,8 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
     sources = {}  # fidelity -> the entries it comes from
     for i, fc in enumerate(cfg.data.files):
         where = f"data.files[{i}]"
-        structures, kept, dropped = read_entry(fc, cfg.data, root, reader)
-        counts = check_label_keys(fc, data_file(root, fc.path), where, structures)
+        structures, kept, dropped = read_entry(fc, cfg.data, root, reader, base)
+        counts = check_label_keys(fc, _entry_file(fc, root, structures), where, structures)
         try:
             parts = _split_file(fc, kept, base, cfg.seed)
         except DataError as err:
@@ -102,8 +116,8 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
         for k in ("train", "val"):  # the test split is scored on every label the file has
             parts[k] = _strip_labels(parts[k], fc.labels)
         for k in SPLITS:
-            splits[k].extend(parts[k])
-        fids = sorted({s.fidelity for s in kept})
+            splits[k].append(parts[k])
+        fids = sorted(set(fidelity_names(kept)))
         for f in fids:
             sources.setdefault(f, []).append(f"{where} {fc.path}, energy_key {fc.energy_key!r}")
         report.append(
@@ -111,12 +125,13 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
             + ", ".join(f"{k} {n}" + ("" if k in fc.labels else " unused") for k, n in counts.items())
             + f"), {len(dropped)} dropped by filter, " + ", ".join(f"{k} {len(parts[k])}" for k in SPLITS)
         )
+    splits = {k: chain(parts) for k, parts in splits.items()}
     if not splits["train"]:
         raise DataError("empty dataset: no training structures after filtering and splitting")
     if not splits["val"]:
         raise DataError("no validation structures: give split.val > 0 for at least one file")
     check_energies_for_e0(cfg, splits["train"], sources)
-    fidelities = list(dict.fromkeys(s.fidelity for k in SPLITS for s in splits[k]))
+    fidelities = list(dict.fromkeys(f for k in SPLITS for f in fidelity_names(splits[k])))
     species = sorted({int(z) for k in ("train", "val") for s in splits[k] for z in s.atomic_numbers})
     for s in splits["test"]:
         unseen = sorted(set(s.atomic_numbers.tolist()) - set(species))
@@ -124,6 +139,13 @@ def prepare_data(cfg: Config, root: Path, reader=read_structures) -> PreparedDat
             raise DataError(f"{s.source}: test structure with elements {unseen} (atomic numbers) "
                             "that no training or validation structure has")
     return PreparedData(species, fidelities, splits, report)
+
+
+def _entry_file(fc: FileConfig, root: Path, structures: Sequence[Structure]) -> Path:
+    """The file an entry's frames come from (a store's source, as it recorded it)."""
+    if isinstance(structures, StoreFrames):
+        return Path(structures.store.source["file"])
+    return data_file(root, fc.path)
 
 
 def subtract_base(structures: list[Structure], base, fidelity: str, batch_size: int = 64) -> list[Structure]:
@@ -149,43 +171,72 @@ def subtract_base(structures: list[Structure], base, fidelity: str, batch_size: 
     return out
 
 
-def average_neighbors(graphs: list[dict]) -> float:
-    """Mean number of neighbours per atom in the graphs (at least 1)."""
-    n_edges = sum(g[K.EDGE_INDEX].shape[1] for g in graphs)
-    n_atoms = sum(g[K.POSITIONS].shape[0] for g in graphs)
+def average_neighbors(dataset: GraphDataset) -> float:
+    """Mean number of neighbours per atom in a dataset's graphs (at least 1);
+    one pass, a graph at a time."""
+    n_edges = n_atoms = 0
+    for g in dataset.graphs():
+        n_edges += g[K.EDGE_INDEX].shape[1]
+        n_atoms += g[K.POSITIONS].shape[0]
     return max(n_edges / max(n_atoms, 1), 1.0)
 
 
 def training_statistics(data: PreparedData, cfg: Config) -> dict:
-    """E0 table and energy scale from the training split.
+    """E0 table and energy scale from the training split, in streaming passes.
 
     ``energy_scale`` is the RMS of the training force components (eV/Angstrom),
     or, without forces, the std of per-atom energies after E0 (eV/atom).
     """
     train = data.splits["train"]
     e0 = build_e0_table(train, data.species, data.fidelities, cfg.data.e0, cfg.data.e0_ridge)
-    forces = [s.forces for s in train if s.forces is not None]
-    if forces:
-        scale = float(np.sqrt(np.mean(np.concatenate(forces) ** 2)))
-    else:
-        fid = np.array([data.fidelities.index(s.fidelity) for s in train])
-        e_ref = np.einsum("sk,sk->s", composition_matrix(train, data.species), e0[fid])
-        per_atom = (np.array([s.energy for s in train]) - e_ref) / np.array([s.n_atoms for s in train])
-        scale = float(np.nanstd(per_atom))
+    squares = count = 0.0
+    per_atom = []
+    column = {z: k for k, z in enumerate(data.species)}
+    for s in train:
+        if s.forces is not None:
+            squares += float(np.sum(s.forces ** 2))
+            count += s.forces.size
+        elif not count:  # only needed when no structure has forces
+            e_ref = e0[data.fidelities.index(s.fidelity)][[column[int(z)] for z in s.atomic_numbers]].sum()
+            per_atom.append((s.energy - e_ref) / s.n_atoms)
+    scale = float(np.sqrt(squares / count)) if count else float(np.nanstd(per_atom))
     return {"e0": e0, "energy_scale": scale if np.isfinite(scale) and scale > 1e-6 else 1.0}
 
 
 class GraphDataset(torch.utils.data.Dataset):
-    """A list of prebuilt graphs (neighbour lists computed once)."""
+    """The graphs of a sequence of structures (neighbour lists by vesin).
 
-    def __init__(self, graphs: list[dict]):
-        self.graphs = graphs
+    With ``cache`` every graph is built once, here; without, each is built when
+    asked for, so a store's frames are read and their neighbour lists computed
+    in the DataLoader's worker processes, never all held in memory.
+
+    Parameters
+    ----------
+    structures : a list, or a store's frames (:class:`mfmlip.data.store.StoreFrames`).
+    cutoff : Angstrom. fidelities : the model's fidelity names (graphs hold indices).
+    """
+
+    def __init__(self, structures: Sequence[Structure], cutoff: float, fidelities: list[str], cache: bool = True):
+        self.structures, self.cutoff, self.fidelities = structures, cutoff, fidelities
+        self.cache = [self._graph(s) for s in structures] if cache else None
+
+    def _graph(self, s: Structure) -> dict:
+        return structure_to_graph(s, self.cutoff, fidelity_index(self.fidelities, s.fidelity))
+
+    def graphs(self) -> Iterator[dict]:
+        """Every graph, in order (a sequential pass over a store)."""
+        return iter(self.cache) if self.cache is not None else map(self._graph, self.structures)
+
+    def fidelity_indices(self) -> list[int]:
+        """(n,) fidelity index of each graph, without building graphs."""
+        return [fidelity_index(self.fidelities, f) for f in fidelity_names(self.structures)]
 
     def __len__(self) -> int:
-        return len(self.graphs)
+        return len(self.structures)
 
     def __getitem__(self, i: int) -> dict:
-        return {**self.graphs[i], K.STRUCTURE_INDEX: torch.tensor([i])}
+        graph = self.cache[i] if self.cache is not None else self._graph(self.structures[i])
+        return {**graph, K.STRUCTURE_INDEX: torch.tensor([i])}
 
 
 class EpochShuffle(torch.utils.data.Sampler):
@@ -217,16 +268,16 @@ def epoch_passes(n: int, batch_size: int, min_batches: int = 1) -> int:
     return max(1, -(-min_batches * batch_size // max(n, 1)))
 
 
-def make_loader(graphs: list[dict], batch_size: int, shuffle: bool, num_workers: int = 0, seed: int = 0,
-                min_batches: int = 1, sampler: torch.utils.data.Sampler | None = None):
-    """DataLoader over prebuilt graphs that yields collated batches; a shuffled
-    one repeats the data within an epoch until it has ``min_batches`` batches.
-    ``sampler`` (e.g. :class:`mfmlip.training.sampler.FidelityShareSampler`)
-    replaces the shuffle."""
+def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                seed: int = 0, min_batches: int = 1, sampler: torch.utils.data.Sampler | None = None):
+    """DataLoader that yields collated batches of a :class:`GraphDataset`; a
+    shuffled one repeats the data within an epoch until it has ``min_batches``
+    batches. ``sampler`` (e.g. :class:`mfmlip.training.sampler.FidelityShareSampler`)
+    replaces the shuffle. With ``num_workers > 0`` graphs not built yet are
+    built in that many worker processes."""
     if sampler is None and shuffle:
-        sampler = EpochShuffle(len(graphs), seed, epoch_passes(len(graphs), batch_size, min_batches))
+        sampler = EpochShuffle(len(dataset), seed, epoch_passes(len(dataset), batch_size, min_batches))
     return torch.utils.data.DataLoader(
-        GraphDataset(graphs), batch_size=batch_size, collate_fn=collate,
-        sampler=sampler,
+        dataset, batch_size=batch_size, collate_fn=collate, sampler=sampler,
         num_workers=num_workers, persistent_workers=num_workers > 0,
     )

@@ -31,7 +31,7 @@ class MFLightningModule(L.LightningModule):
         self.training_config = training
         self.loss_fn = MaskedLoss(torch.as_tensor(loss_weights), training.loss, training.huber_delta)
         self._val_metrics = None
-        self.train_sources: list[str] = []  # set by the run, for error messages
+        self.train_structures = []  # set by the run: its training split, to name structures in errors
         self.skipped_batches = 0
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -46,7 +46,7 @@ class MFLightningModule(L.LightningModule):
         return pred, loss, parts
 
     def training_step(self, batch, batch_idx):
-        self._batch_names = self._names(batch)
+        self._batch_indices = batch[K.STRUCTURE_INDEX].tolist()
         _, loss, parts = self._step(batch)
         if not torch.isfinite(loss):
             return self._nonfinite(f"loss is {loss.item()}")
@@ -56,11 +56,9 @@ class MFLightningModule(L.LightningModule):
             self.log(f"train_{k}", v, batch_size=n)
         return loss
 
-    def _names(self, batch) -> list[str]:
-        return [
-            self.train_sources[i] if i < len(self.train_sources) else f"structure #{i}"
-            for i in batch[K.STRUCTURE_INDEX].tolist()
-        ]
+    def _names(self, indices: list[int]) -> list[str]:
+        return [self.train_structures[i].source if i < len(self.train_structures) else f"structure #{i}"
+                for i in indices]
 
     def _nonfinite(self, problem: str):
         """Stop with the batch's structures named, or skip the batch and count it."""
@@ -68,7 +66,7 @@ class MFLightningModule(L.LightningModule):
             self.skipped_batches += 1
             return None  # Lightning skips the optimiser step
         raise FloatingPointError(
-            f"{problem} in a batch of {getattr(self, '_batch_names', [])}; lower training.lr, or set "
+            f"{problem} in a batch of {self._names(getattr(self, '_batch_indices', []))}; lower training.lr, or set "
             "training.nonfinite_loss: skip to skip such batches"
         )
 

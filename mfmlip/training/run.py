@@ -19,6 +19,7 @@ from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
 from mfmlip.data.e0 import build_e0_table, e0_as_dict
+from mfmlip.data.store import fidelity_names
 from mfmlip.data.structures import read_structures
 from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
@@ -170,18 +171,18 @@ def train(
         data.fidelities = initial.fidelities  # graphs index the model's fidelity list
     cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
     t = cfg.training
-    train_graphs = data.graphs("train", cutoff)
-    model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_graphs))
+    train_set = data.dataset("train", cutoff)
+    model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_set))
     weights = [t.weights_for(f) for f in data.fidelities]
     # train mode: a loaded init_from model comes in eval mode, whose forces keep no graph
     module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, weights)
     freeze(module.model, t.freeze)
-    module.train_sources = [s.source for s in data.splits["train"]]
+    module.train_structures = data.splits["train"]
     # step-budgeted runs with step-wise validation: an epoch spans at least one validation interval
     min_batches = t.val_interval_steps or 1
-    train_loader = make_loader(train_graphs, t.batch_size, True, t.num_workers, cfg.seed, min_batches,
-                               sampler=_share_sampler(cfg, data, train_graphs, min_batches))
-    val_loader = make_loader(data.graphs("val", cutoff), t.eval_batch_size, False, t.num_workers)
+    train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, cfg.seed, min_batches,
+                               sampler=_share_sampler(cfg, data, train_set, min_batches))
+    val_loader = make_loader(data.dataset("val", cutoff), t.eval_batch_size, False, t.num_workers)
     trainer = _trainer(cfg, out, len(train_loader))
     ckpt_path = _checkpoint_to_resume(out, resume)
     try:
@@ -214,7 +215,7 @@ def train(
     return model_path
 
 
-def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int):
+def _share_sampler(cfg: Config, data, train_set, min_batches: int):
     """The :class:`FidelityShareSampler` of ``training.sampling`` (None without it),
     with as many draws per epoch as the default shuffle.
 
@@ -227,13 +228,13 @@ def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int
     t = cfg.training
     if not t.sampling:
         return None
-    present = sorted({s.fidelity for s in data.splits["train"]})
+    present = sorted(set(fidelity_names(data.splits["train"])))
     missing = sorted(set(present) - set(t.sampling))
     if missing:
         raise ConfigError(f"training.sampling: no share for {missing} (training fidelities: {present})")
-    n = len(train_graphs)
+    n = len(train_set)
     return FidelityShareSampler(
-        [int(g[K.FIDELITY]) for g in train_graphs],
+        train_set.fidelity_indices(),
         {fidelity_index(data.fidelities, f): share for f, share in t.sampling.items()},
         num_samples=n * epoch_passes(n, t.batch_size, min_batches), seed=cfg.seed,
     )
@@ -241,11 +242,13 @@ def _share_sampler(cfg: Config, data, train_graphs: list[dict], min_batches: int
 
 def _label_counts(structures) -> dict:
     """``{fidelity: {"structures", "energy", "forces", "stress"}}``: how many training
-    structures of each fidelity, and how many carry each label."""
-    groups = {}
+    structures of each fidelity, and how many carry each label (one pass)."""
+    counts = {}
     for s in structures:
-        groups.setdefault(s.fidelity, []).append(s)
-    return {fidelity: {"structures": len(group), **label_counts(group)} for fidelity, group in groups.items()}
+        c = counts.setdefault(s.fidelity, {"structures": 0, **label_counts([])})
+        for name, n in {"structures": 1, **label_counts([s])}.items():
+            c[name] += n
+    return counts
 
 
 def _delta_base(cfg: Config, data) -> tuple | None:
