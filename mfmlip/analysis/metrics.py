@@ -53,6 +53,16 @@ class MetricAccumulator:
                 m = batch[K.STRESS_MASK] & g
                 self.add(name, "stress", (pred[K.STRESS] - batch[K.STRESS])[m])
 
+    def reduce(self, reduce) -> None:
+        """Combine the errors of several processes (DDP validation):
+        ``reduce(tensor, op)`` with ``op`` ``"sum"`` or ``"max"`` returns the
+        tensor reduced over the processes (e.g. Lightning's ``strategy.reduce``)."""
+        keys = [(f, q) for f in self.fidelities for q in UNITS]
+        sums = reduce(torch.stack([self.sums[k] for k in keys]), "sum").cpu()
+        largest = reduce(torch.tensor([self.largest[k] for k in keys], dtype=torch.float64), "max").cpu()
+        for k, total, top in zip(keys, sums, largest.tolist(), strict=True):
+            self.sums[k], self.largest[k] = total, top
+
     def compute(self) -> dict[str, dict[str, float]]:
         """``{fidelity: {"energy_mae", "energy_rmse", "energy_max", "energy_n", ...}}`` (meV units)."""
         out = defaultdict(dict)

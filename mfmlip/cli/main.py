@@ -16,12 +16,19 @@ from mfmlip.cli.allocator import ENV as ALLOCATOR_ENV
 from mfmlip.cli.allocator import reexec_with_tcmalloc, tune_glibc_malloc
 
 TRACEBACK_ENV = "MFMLIP_TRACEBACK"  # set to 1: unexpected errors end in their traceback
+# train options that override training.* (option: field)
+PARALLEL_OPTIONS = {"devices": "devices", "num_nodes": "num_nodes", "strategy": "strategy", "accelerator": "device"}
 
 
 def _train(args) -> None:
+    from mfmlip.training.config import load_config
     from mfmlip.training.run import train
 
-    train(args.config, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite)
+    cfg = load_config(args.config)
+    given = {field: getattr(args, k) for k, field in PARALLEL_OPTIONS.items() if getattr(args, k) is not None}
+    if given:  # validated as if written in the config
+        cfg.training = type(cfg.training).model_validate({**cfg.training.model_dump(), **given})
+    train(cfg, data_root=args.data_root, resume=args.resume, overwrite=args.overwrite)
 
 
 def _prepare(args) -> None:
@@ -119,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--data-root", help="folder data paths resolve against (else $MFMLIP_DATA, "
                    "data.root, or ../shared/data from the repository root)")
+    p.add_argument("--devices", type=types.devices, help="processes per node (GPUs, or CPU processes); "
+                   "overrides training.devices")
+    p.add_argument("--num-nodes", type=types.positive_int, help="nodes; overrides training.num_nodes")
+    p.add_argument("--strategy", help="Lightning strategy, e.g. ddp; overrides training.strategy")
+    p.add_argument("--accelerator", choices=["cpu", "cuda", "gpu", "mps", "auto"],
+                   help="overrides training.device (also spelt training.accelerator)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoints/last.ckpt "
                        "(the config may not change the model or the data)")

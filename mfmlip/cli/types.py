@@ -70,6 +70,16 @@ def device(text: str) -> str:
     return text
 
 
+def devices(text: str) -> str | int:
+    """``auto`` or a positive number of devices (processes per node)."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+
+
 def pcs(text: str) -> str | int:
     """``kaiser`` or a positive number of principal components."""
     if text == "kaiser":

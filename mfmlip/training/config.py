@@ -13,7 +13,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+    AliasChoices, BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
     ValidationError, field_validator,
 )
 
@@ -130,7 +130,14 @@ class TrainingConfig(StrictModel):
     delta_from: Optional[str] = None  # base model file: train a correction to its predictions
     delta_fidelity: Optional[str] = None  # the base model's fidelity to correct (default: its first)
     num_workers: int = Field(0, ge=0)
-    device: Literal["cpu", "cuda", "gpu", "mps", "auto"] = "cpu"  # checked on this machine at train time
+    # Lightning's accelerator (also accepted as training.accelerator); checked on this machine at train time
+    device: Literal["cpu", "cuda", "gpu", "mps", "auto"] = Field(
+        "cpu", validation_alias=AliasChoices("device", "accelerator"))
+    # processes per node (one per GPU, or CPU processes), nodes, and Lightning's strategy (ddp, ...);
+    # batch_size is per process: a step's global batch is batch_size * devices * num_nodes
+    devices: Union[PositiveInt, Literal["auto"]] = 1
+    num_nodes: PositiveInt = 1
+    strategy: str = "auto"
     eval_batch_size: PositiveInt = 64
     # {fidelity: share} of each epoch's training draws (normalised to sum 1; every training
     # fidelity needs one); empty: uniform over structures. See mfmlip.training.sampler.

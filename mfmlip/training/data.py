@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -19,6 +20,7 @@ from mfmlip.model.inference import Predictor
 from mfmlip.model.interface import fidelity_index
 from mfmlip.training.checks import check_energies_for_e0, check_label_keys
 from mfmlip.training.config import Config, FileConfig, data_file
+from mfmlip.training.sampler import RankShard
 from mfmlip.training.stores import open_store
 
 
@@ -272,12 +274,43 @@ def make_loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: boo
                 seed: int = 0, min_batches: int = 1, sampler: torch.utils.data.Sampler | None = None):
     """DataLoader that yields collated batches of a :class:`GraphDataset`; a
     shuffled one repeats the data within an epoch until it has ``min_batches``
-    batches. ``sampler`` (e.g. :class:`mfmlip.training.sampler.FidelityShareSampler`)
-    replaces the shuffle. With ``num_workers > 0`` graphs not built yet are
-    built in that many worker processes."""
+    batches. ``sampler`` (e.g. :class:`mfmlip.training.sampler.FidelityShareSampler`,
+    or a :class:`~mfmlip.training.sampler.RankShard` of one) replaces the shuffle.
+    With ``num_workers > 0`` graphs not built yet are built in that many worker processes."""
     if sampler is None and shuffle:
         sampler = EpochShuffle(len(dataset), seed, epoch_passes(len(dataset), batch_size, min_batches))
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, collate_fn=collate, sampler=sampler,
         num_workers=num_workers, persistent_workers=num_workers > 0,
     )
+
+
+class GraphDataModule(L.LightningDataModule):
+    """Training and validation loaders for one or several processes.
+
+    The loaders are made once the trainer knows this process's rank and the
+    number of processes; each process then draws its
+    :class:`~mfmlip.training.sampler.RankShard` of the same global order
+    (``train_order``: the epoch's draws, set by ``(seed, epoch)``).
+
+    Parameters
+    ----------
+    train_set, val_set : :class:`GraphDataset`. train_order : sampler of the training draws.
+    batch_size, eval_batch_size : per process. num_workers : DataLoader workers per process.
+    """
+
+    def __init__(self, train_set, val_set, train_order, batch_size: int, eval_batch_size: int, num_workers: int):
+        super().__init__()
+        self.train_set, self.val_set, self.train_order = train_set, val_set, train_order
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+
+    def _shard(self, order, batch_size: int, pad: bool) -> RankShard:
+        return RankShard(order, batch_size, self.trainer.global_rank, self.trainer.world_size, pad)
+
+    def train_dataloader(self):
+        sampler = self._shard(self.train_order, self.batch_size, pad=True)
+        return make_loader(self.train_set, self.batch_size, True, self.num_workers, sampler=sampler)
+
+    def val_dataloader(self):
+        sampler = self._shard(range(len(self.val_set)), self.eval_batch_size, pad=False)
+        return make_loader(self.val_set, self.eval_batch_size, False, self.num_workers, sampler=sampler)

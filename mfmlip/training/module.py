@@ -50,10 +50,11 @@ class MFLightningModule(L.LightningModule):
         _, loss, parts = self._step(batch)
         if not torch.isfinite(loss):
             return self._nonfinite(f"loss is {loss.item()}")
-        n = batch["n_atoms"].shape[0]
-        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        n, several = batch["n_atoms"].shape[0], self.trainer.world_size > 1
+        # with several processes: the mean over them, the loss of the step's global batch
+        self.log("train_loss", loss, prog_bar=True, batch_size=n, sync_dist=several)
         for k, v in parts.items():
-            self.log(f"train_{k}", v, batch_size=n)
+            self.log(f"train_{k}", v, batch_size=n, sync_dist=several)
         return loss
 
     def _names(self, indices: list[int]) -> list[str]:
@@ -81,7 +82,7 @@ class MFLightningModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
-        self.log("skipped_batches", float(self.skipped_batches), on_epoch=True)
+        self.log("skipped_batches", float(self.skipped_batches), on_epoch=True, sync_dist=self.trainer.world_size > 1)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["skipped_batches"] = self.skipped_batches
@@ -91,17 +92,30 @@ class MFLightningModule(L.LightningModule):
 
     def on_validation_epoch_start(self):
         self._val_metrics = MetricAccumulator(self.model.fidelities)
+        self._val_loss = torch.zeros(2, dtype=torch.float64)  # sum of loss * structures, structures
 
     def validation_step(self, batch, batch_idx):
         pred, loss, _ = self._step(batch)
         self._val_metrics.update(pred, batch)
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["n_atoms"].shape[0])
+        n = batch["n_atoms"].shape[0]
+        self._val_loss += torch.stack([loss.detach().double().cpu() * n, torch.tensor(float(n))])
+
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """Sum or max over the processes (identity with one)."""
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op=op)
 
     def on_validation_epoch_end(self):
+        # every process's validation structures count once: sums reduced, then divided
+        total, n = self._reduce(self._val_loss, "sum").tolist()
+        several = self.trainer.world_size > 1  # the values are reduced already: the same in every process
+        self.log("val_loss", total / max(n, 1.0), prog_bar=True, sync_dist=several)
+        self._val_metrics.reduce(self._reduce)
         for fid, m in self._val_metrics.compute().items():
             for q in ("energy", "forces"):
                 if f"{q}_mae" in m:
-                    self.log(f"val_{q}_mae/{fid}", m[f"{q}_mae"], prog_bar=False)
+                    self.log(f"val_{q}_mae/{fid}", m[f"{q}_mae"], prog_bar=False, sync_dist=several)
 
     def configure_optimizers(self):
         t = self.training_config

@@ -13,6 +13,8 @@ class EpochSummary(L.Callback):
     (``on_train_epoch_end`` runs after that epoch's validation)."""
 
     def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.is_global_zero:  # one line per epoch, not one per process
+            return
         m = {k: float(v) for k, v in trainer.callback_metrics.items()}
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
         parts += [f"{k} {m[k]:.4g}" for k in ("train_loss", "val_loss") if k in m]

@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
 from mfmlip.data.e0 import build_e0_table, e0_as_dict
@@ -31,15 +30,17 @@ from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEp
 from mfmlip.training.checks import check_device, check_training_fidelities, label_counts
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import (
-    average_neighbors, epoch_passes, make_loader, prepare_data, subtract_base, training_statistics,
+    EpochShuffle, GraphDataModule, average_neighbors, epoch_passes, prepare_data, subtract_base, training_statistics,
 )
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
-from mfmlip.training.sampler import FidelityShareSampler
+from mfmlip.training.parallel import check_parallel, lead_process, world_size
+from mfmlip.training.sampler import FidelityShareSampler, RankShard
 from mfmlip.training.rundir import prepare_output_dir, write_run_config
 
 MODEL_FILE = "model.pt"
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")  # ours casts the dtype
 
 
 def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotential:
@@ -109,8 +110,11 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         max_steps=t.max_steps or -1,
         **every,
         max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
-        accelerator=t.device if t.device != "auto" else "auto",
-        devices=1,
+        accelerator=t.device,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy if t.strategy != "auto" or world_size(t) == 1 else "ddp",
+        use_distributed_sampler=False,  # each process draws its RankShard of the global order
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         logger=CSVLogger(out, name="logs"),  # logs/version_N/metrics.csv, one per (resumed) fit
@@ -156,14 +160,18 @@ def train(
             raise ConfigError(f"training.{key}: model file {given} not found")
     out, root = Path(cfg.output_dir), resolve_data_root(cfg, data_root)
     check_device(cfg)
-    prepare_output_dir(cfg, out, root, resume, overwrite)
+    check_parallel(cfg)
+    lead = lead_process()
+    if lead:  # the other processes of a multi-process run start once this one trains
+        prepare_output_dir(cfg, out, root, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     data = prepare_data(cfg, root, reader)
     check_training_fidelities(cfg.training, data.fidelities)
-    write_run_config(cfg, out, root)
-    print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
+    if lead:
+        write_run_config(cfg, out, root)
+        print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
     base = _delta_base(cfg, data)
     stats = training_statistics(data, cfg)
     initial = _init_from_model(cfg, data) if cfg.training.init_from else None
@@ -178,18 +186,18 @@ def train(
     module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, weights)
     freeze(module.model, t.freeze)
     module.train_structures = data.splits["train"]
-    # step-budgeted runs with step-wise validation: an epoch spans at least one validation interval
-    min_batches = t.val_interval_steps or 1
-    train_loader = make_loader(train_set, t.batch_size, True, t.num_workers, cfg.seed, min_batches,
-                               sampler=_share_sampler(cfg, data, train_set, min_batches))
-    val_loader = make_loader(data.dataset("val", cutoff), t.eval_batch_size, False, t.num_workers)
-    trainer = _trainer(cfg, out, len(train_loader))
-    ckpt_path = _checkpoint_to_resume(out, resume)
+    order = _train_order(cfg, data, train_set)
+    loaders = GraphDataModule(train_set, data.dataset("val", cutoff), order, t.batch_size, t.eval_batch_size,
+                              t.num_workers)
+    trainer = _trainer(cfg, out, len(RankShard(order, t.batch_size, 0, world_size(t))) // t.batch_size)
+    ckpt_path = _checkpoint_to_resume(out, resume, lead)
     try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=loaders, ckpt_path=ckpt_path)
     except SIGTERMException:
         print(f"stopped by SIGTERM; continue with: mfmlip train {cfg.path or 'CONFIG'} --resume", flush=True)
         raise SystemExit(143) from None
+    if not trainer.is_global_zero:  # one process writes the model and the test report
+        return out / MODEL_FILE
 
     best = out / "checkpoints" / "best.ckpt"
     if best.is_file():
@@ -215,9 +223,11 @@ def train(
     return model_path
 
 
-def _share_sampler(cfg: Config, data, train_set, min_batches: int):
-    """The :class:`FidelityShareSampler` of ``training.sampling`` (None without it),
-    with as many draws per epoch as the default shuffle.
+def _train_order(cfg: Config, data, train_set):
+    """The sampler of an epoch's training draws, the same in every process: the
+    :class:`FidelityShareSampler` of ``training.sampling``, else a shuffle. A
+    step-budgeted run with step-wise validation has epochs of at least one
+    validation interval of global batches.
 
     Raises
     ------
@@ -226,17 +236,18 @@ def _share_sampler(cfg: Config, data, train_set, min_batches: int):
         by :func:`~mfmlip.training.checks.check_training_fidelities`).
     """
     t = cfg.training
+    n, batch = len(train_set), t.batch_size * world_size(t)
+    passes = epoch_passes(n, batch, t.val_interval_steps or 1)
     if not t.sampling:
-        return None
+        return EpochShuffle(n, cfg.seed, passes)
     present = sorted(set(fidelity_names(data.splits["train"])))
     missing = sorted(set(present) - set(t.sampling))
     if missing:
         raise ConfigError(f"training.sampling: no share for {missing} (training fidelities: {present})")
-    n = len(train_set)
     return FidelityShareSampler(
         train_set.fidelity_indices(),
         {fidelity_index(data.fidelities, f): share for f, share in t.sampling.items()},
-        num_samples=n * epoch_passes(n, t.batch_size, min_batches), seed=cfg.seed,
+        num_samples=n * passes, seed=cfg.seed,
     )
 
 
@@ -276,15 +287,18 @@ def _delta_base(cfg: Config, data) -> tuple | None:
     return base, fidelity
 
 
-def _checkpoint_to_resume(out: Path, resume: bool) -> str | None:
-    """``last.ckpt`` when resuming; a fresh run clears the logs of any earlier one."""
+def _checkpoint_to_resume(out: Path, resume: bool, lead: bool = True) -> str | None:
+    """``last.ckpt`` when resuming; a fresh run clears the logs of any earlier one
+    (in the lead process only)."""
     last = out / "checkpoints" / "last.ckpt"
     if resume and last.is_file():
-        print(f"resuming from {last}", flush=True)
+        if lead:
+            print(f"resuming from {last}", flush=True)
         return str(last)
-    if resume:
+    if resume and lead:
         print(f"--resume: no checkpoint at {last}; starting a new run", flush=True)
-    shutil.rmtree(out / "logs", ignore_errors=True)
+    if lead:
+        shutil.rmtree(out / "logs", ignore_errors=True)
     return None
 
 

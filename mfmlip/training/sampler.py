@@ -84,3 +84,50 @@ class FidelityShareSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class RankShard(torch.utils.data.Sampler):
+    """One process's part of a global draw order, for training on several
+    devices (DDP) with the batches a single process would draw.
+
+    The order of ``sampler`` (the same in every process: it depends only on
+    ``(seed, epoch)``) is cut into global batches of ``world * batch_size``
+    draws; process ``rank`` takes the ``rank``-th ``batch_size`` draws of each.
+    So a step of ``world`` processes sees the global batch one process with
+    ``batch_size * world`` would see, and a resumed run sees the same batches.
+    With ``pad`` (training) the order is extended by its own beginning to a
+    whole number of global batches, so every process takes as many steps;
+    without (validation) the processes' parts may differ by a batch.
+
+    Parameters
+    ----------
+    sampler : the global order (:class:`FidelityShareSampler`,
+        :class:`~mfmlip.training.data.EpochShuffle` or any sampler; ``set_epoch`` is passed on).
+    batch_size : per process. rank, world : this process, and how many there are.
+    """
+
+    def __init__(self, sampler, batch_size: int, rank: int = 0, world: int = 1, pad: bool = True):
+        self.sampler, self.batch_size, self.rank, self.world, self.pad = sampler, batch_size, rank, world, pad
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _global_length(self) -> int:
+        n, step = len(self.sampler), self.world * self.batch_size
+        return -(-n // step) * step if self.pad and self.world > 1 else n
+
+    def __iter__(self):
+        order = list(self.sampler)
+        if self.world == 1:
+            return iter(order)
+        need = self._global_length()
+        while len(order) < need:
+            order += order[: need - len(order)]
+        b, step = self.batch_size, self.world * self.batch_size
+        return iter([i for start in range(self.rank * b, need, step) for i in order[start : start + b]])
+
+    def __len__(self) -> int:
+        n, b, step = self._global_length(), self.batch_size, self.world * self.batch_size
+        full, rest = divmod(n, step)
+        return full * b + min(max(rest - self.rank * b, 0), b)

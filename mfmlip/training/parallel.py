@@ -1,0 +1,51 @@
+"""Training on several devices and nodes (Lightning's DDP): which process this
+is, how many there are, and a check of the config's strategy.
+
+``training.devices`` processes per node times ``training.num_nodes`` nodes
+train together; ``batch_size`` is per process. Lightning starts the other
+processes of a node itself (``mfmlip train CONFIG``), or finds them started by
+``srun`` (SLURM) or ``torchrun``; see the README's "Several devices and nodes".
+"""
+
+from __future__ import annotations
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from mfmlip.training.config import Config, ConfigError, TrainingConfig
+
+
+def lead_process() -> bool:
+    """Whether this is the process of global rank 0 (or the only one): the one
+    that checks and writes the output folder. Read from the environment
+    Lightning, SLURM or torchrun set (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``)."""
+    return rank_zero_only.rank == 0
+
+
+def world_size(training: TrainingConfig) -> int:
+    """Processes that train together: ``devices * num_nodes`` (1 for ``devices: auto``
+    on a machine without GPUs)."""
+    devices = training.devices
+    if devices == "auto":
+        import torch
+
+        devices = max(torch.cuda.device_count(), 1) if training.device in ("cuda", "gpu", "auto") else 1
+    return devices * training.num_nodes
+
+
+def check_parallel(cfg: Config) -> None:
+    """``training.strategy`` is one of Lightning's, and several processes have one.
+
+    Raises
+    ------
+    ConfigError
+        Names the strategy and lists Lightning's.
+    """
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    t = cfg.training
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if t.strategy not in known:
+        raise ConfigError(f"training.strategy {t.strategy!r}: not one of Lightning's strategies: {', '.join(known)}")
+    if world_size(t) > 1 and t.strategy in ("single_device", "single_xla"):
+        raise ConfigError(f"training.strategy {t.strategy!r} runs one process, but devices * num_nodes = "
+                          f"{world_size(t)}; use ddp")

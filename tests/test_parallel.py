@@ -1,0 +1,123 @@
+"""Training on several processes (Lightning DDP, CPU, gloo): two processes with
+half the batch each train the model one process trains, a killed two-process
+run resumes to the same weights, and one model file comes out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mfmlip.training.run import read_metrics, train
+from mfmlip.training.sampler import RankShard
+
+TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}  # float64 model: only the order of the gradient sums differs
+
+
+def _config(tmp_path, data_dir, name: str, batch_size: int, frames: int = 72, epochs: int = 3):
+    cfg = {
+        "seed": 1, "output_dir": str(tmp_path / name),
+        "data": {"root": str(data_dir), "files": [
+            {"path": "ethanol/PBE_train.extxyz", "index": f"0:{frames}", "split": {"train": None, "val": 8}}]},
+        "model": {"cutoff": 4.0, "channels": 8, "lmax": 1, "num_layers": 1, "num_radial": 4, "radial_hidden": 8,
+                  "dtype": "float64"},
+        "training": {"batch_size": batch_size, "eval_batch_size": 3, "max_epochs": epochs, "patience": 100,
+                     "lr": 0.01, "ema_decay": 0.9},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _two_processes(config, *extra, **popen):
+    command = [sys.executable, "-m", "mfmlip.cli.main", "train", str(config), "--devices", "2",
+               "--accelerator", "cpu", "--strategy", "ddp", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def _weights(run):
+    return torch.load(run / "model.pt", weights_only=False)["state_dict"]
+
+
+def _same_weights(a, b):
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, **TOLERANCE, msg=name)
+
+
+def test_shards_of_the_global_order_make_the_single_process_batches():
+    order = list(range(23))
+    for world, batch in ((2, 4), (3, 2)):
+        parts = [list(RankShard(order, batch, rank, world)) for rank in range(world)]
+        assert len({len(p) for p in parts}) == 1  # the same number of steps in every process
+        steps = [sum((p[k * batch:(k + 1) * batch] for p in parts), []) for k in range(len(parts[0]) // batch)]
+        flat = sum(steps, [])
+        assert flat[:23] == order and flat[23:] == order[: len(flat) - 23]  # padded by the order's start
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """One process with batch 8, and two with batch 4 each (the same global batch)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    one, two = _config(folder, data_dir, "one", batch_size=8), _config(folder, data_dir, "two", batch_size=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MFMLIP_DATA", raising=False)  # the configs give data.root
+        train(one)
+        proc = _two_processes(two)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        yield folder, out
+
+
+def test_two_processes_train_the_model_of_one_with_the_same_global_batch(runs, data_dir):
+    folder, out = runs
+    assert out.count("epoch 1/3") == 1 and out.count("model written to") == 1  # printed and written once
+    for key in ("train_loss", "val_loss", "val_forces_mae/PBE", "val_energy_mae/PBE"):
+        a, b = ([float(r[key]) for r in read_metrics(folder / run) if r.get(key)] for run in ("one", "two"))
+        assert a and np.allclose(a, b, **TOLERANCE), (key, a, b)
+    _same_weights(_weights(folder / "one"), _weights(folder / "two"))
+    assert sorted(p.name for p in (folder / "two" / "logs").iterdir()) == ["version_0"]
+
+    result = subprocess.run([sys.executable, "-m", "mfmlip.cli.main", "evaluate", str(folder / "two" / "model.pt"),
+                             str(data_dir / "ethanol/PBE_train.extxyz"), "--index", "72:80", "--fidelity", "PBE",
+                             "-o", str(folder / "eval")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (folder / "eval" / "metrics_PBE_train_PBE.json").is_file()
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(runs, data_dir):
+    folder, _ = runs
+    raw = yaml.safe_load((folder / "two.yaml").read_text())
+    raw["output_dir"] = str(folder / "killed")
+    killed = folder / "killed.yaml"
+    killed.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = _two_processes(killed, start_new_session=True)  # its own process group: both processes die
+    last = folder / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # after the first epoch's checkpoint, before the end
+    proc.wait(timeout=60)
+    assert not (folder / "killed" / "model.pt").exists(), "the run finished before it was killed"
+    proc = _two_processes(killed, "--resume")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "resuming from" in out, out
+    _same_weights(_weights(folder / "two"), _weights(folder / "killed"))
+
+
+@pytest.mark.parametrize("strategy", ["dp", "single_device"])
+def test_a_strategy_lightning_lacks_or_one_that_runs_one_process_is_refused(tmp_path, data_dir, strategy,
+                                                                            data_root_from_the_config):
+    from mfmlip.training.config import ConfigError, load_config
+
+    cfg = load_config(_config(tmp_path, data_dir, "bad", batch_size=4))
+    cfg.training.strategy, cfg.training.devices = strategy, 2
+    with pytest.raises(ConfigError, match=rf"training\.strategy '{strategy}'"):
+        train(cfg)
