@@ -112,12 +112,15 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(runs, dat
     _same_weights(_weights(folder / "two"), _weights(folder / "killed"))
 
 
-@pytest.mark.parametrize("strategy", ["dp", "single_device"])
-def test_a_strategy_lightning_lacks_or_one_that_runs_one_process_is_refused(tmp_path, data_dir, strategy,
-                                                                            data_root_from_the_config):
+@pytest.mark.parametrize("change, message", [
+    ({"strategy": "dp"}, r"training\.strategy 'dp': not one of Lightning's"),
+    ({"strategy": "single_device"}, r"training\.strategy 'single_device' runs one process"),
+    ({"nonfinite_loss": "skip"}, r"training\.nonfinite_loss: skip works with one process only"),
+])
+def test_what_several_processes_cannot_do_is_refused(tmp_path, data_dir, change, message, data_root_from_the_config):
     from mfmlip.training.config import ConfigError, load_config
 
     cfg = load_config(_config(tmp_path, data_dir, "bad", batch_size=4))
-    cfg.training.strategy, cfg.training.devices = strategy, 2
-    with pytest.raises(ConfigError, match=rf"training\.strategy '{strategy}'"):
+    cfg.training = cfg.training.model_copy(update={"devices": 2, **change})
+    with pytest.raises(ConfigError, match=message):
         train(cfg)

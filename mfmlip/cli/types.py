@@ -70,21 +70,20 @@ def device(text: str) -> str:
     return text
 
 
-def devices(text: str) -> str | int:
-    """``auto`` or a positive number of devices (processes per node)."""
-    if text == "auto":
-        return text
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}") from None
+def _word_or_count(word: str, what: str):
+    """An argparse type: ``word`` as given, or a positive integer (``what`` it counts)."""
+
+    def parse(text: str) -> str | int:
+        if text == word:
+            return text
+        try:
+            return positive_int(text)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"expected {word!r} or a positive integer, got {text!r}") from None
+
+    parse.__doc__ = f"``{word}`` or a positive number of {what}."
+    return parse
 
 
-def pcs(text: str) -> str | int:
-    """``kaiser`` or a positive number of principal components."""
-    if text == "kaiser":
-        return text
-    try:
-        return positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'kaiser' or a positive integer, got {text!r}") from None
+devices = _word_or_count("auto", "devices (processes per node)")
+pcs = _word_or_count("kaiser", "principal components")

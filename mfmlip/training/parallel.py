@@ -33,7 +33,8 @@ def world_size(training: TrainingConfig) -> int:
 
 
 def check_parallel(cfg: Config) -> None:
-    """``training.strategy`` is one of Lightning's, and several processes have one.
+    """``training.strategy`` is one of Lightning's, runs several processes when
+    asked for several, and the config asks for nothing they cannot do.
 
     Raises
     ------
@@ -49,3 +50,6 @@ def check_parallel(cfg: Config) -> None:
     if world_size(t) > 1 and t.strategy in ("single_device", "single_xla"):
         raise ConfigError(f"training.strategy {t.strategy!r} runs one process, but devices * num_nodes = "
                           f"{world_size(t)}; use ddp")
+    if world_size(t) > 1 and t.nonfinite_loss == "skip":
+        raise ConfigError("training.nonfinite_loss: skip works with one process only (a batch skipped in one "
+                          "process leaves the others waiting for its gradients); use stop with several devices")
