@@ -105,13 +105,15 @@ def prepare(config: str | Path, out_dir: str | Path, data_root: str | Path | Non
             raise ConfigError(f"data.files[{k}] ({fc.path}): already a store")
         path = data_file(root, fc.path)
         target = out / store_name(k, fc)
-        bar = tqdm(desc=f"{fc.path} -> {target}", unit=" frames", disable=not progress, file=sys.stderr)
+        bar = tqdm(desc=f"{fc.path} -> {target}", unit=" frames", file=sys.stderr,
+                   disable=None if progress else True)  # None: on a terminal only
         frames = iter_structures(path, fc.index, fidelity=fc.fidelity, fidelity_key=cfg.data.fidelity_key,
                                  energy_key=fc.energy_key, forces_key=fc.forces_key, stress_key=fc.stress_key,
                                  stress_format=fc.stress_format,
                                  allow_missing_labels=cfg.data.allow_missing_labels)
         with bar:
             write_store(target, frames, reading_record(fc, cfg.data, path), progress=lambda n: bar.update(1))
+        print(f"{fc.path}: {len(Store(target))} frames -> {target}", flush=True)
         entry = raw["data"]["files"][k]
         entry["store"] = target.name
         if fc.split.file:  # relative to the original config's folder
