@@ -11,8 +11,6 @@ Ko & Ong 2025). The selectors are pure numpy functions.
 >>> picked = select(vectors, 100, method="direct", seed=0)        # doctest: +SKIP
 """
 
-from mfmlip.sampling.encode import encode, pool
-from mfmlip.sampling.plot import plot_selection
 from mfmlip.sampling.select import (
     METHODS, PICKS, POOLINGS, PCA, Selection, birch_clusters, direct_counts, direct_select, format_region, narrow_select,
     parse_region, pick_from_clusters, principal_components, random_select, sample, select,
@@ -23,3 +21,16 @@ __all__ = [
     "birch_clusters", "direct_counts", "direct_select", "format_region", "narrow_select", "parse_region",
     "pick_from_clusters", "principal_components", "random_select", "sample", "select",
 ]
+
+#: imported on first use: they need torch (encode, pool) and matplotlib (plot_selection),
+#: which the selectors and the command line's start-up do not
+_LAZY = {"encode": "mfmlip.sampling.encoding", "pool": "mfmlip.sampling.encoding",
+         "plot_selection": "mfmlip.sampling.plot"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mfmlip.sampling' has no attribute {name!r}")
