@@ -21,7 +21,6 @@ Conventions (LAMMPS ``units metal``, one MPI rank):
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +29,7 @@ from ase.data import atomic_masses, atomic_numbers, chemical_symbols
 from mfmlip import keys as K
 from mfmlip.data.graph import MIN_DISTANCE
 from mfmlip.data.structures import DataError, Structure
+from mfmlip.lammps.library import check_one_rank
 from mfmlip.model.inference import Predictor
 from mfmlip.model.virial import energy_forces_virials
 
@@ -159,8 +159,7 @@ class MFFixExternal:
 
     def __init__(self, lmp, model, fidelity: str | None, elements=None, device: str | torch.device = "cpu",
                  dtype=None, min_distance: float = MIN_DISTANCE, fix_id: str = "mfmlip"):
-        if lmp.extract_setting("world_size") > 1:
-            raise ValueError("fix external with an mfmlip model runs on one MPI rank only")
+        check_one_rank(lmp)
         units = lmp.extract_global("units")
         if units != UNITS:
             raise ValueError(f"LAMMPS units {units!r}: the mfmlip model needs 'units {UNITS}' (eV, Angstrom, ps)")
@@ -193,7 +192,7 @@ class MFFixExternal:
         return self.predictor.fidelity
 
     def compute(self, positions: np.ndarray, types: np.ndarray) -> dict:
-        """Model outputs (see :func:`energy_forces_virials`) for the current LAMMPS box.
+        """Model outputs (see :func:`lammps_outputs`) for the current LAMMPS box.
 
         Parameters
         ----------
@@ -238,18 +237,3 @@ class MFFixExternal:
         rows = (virials.ctypes.data + virials.strides[0] * np.arange(len(virials))).astype(np.uintp)
         lib.lammps_fix_external_set_energy_peratom(handle, fix_id, energies.ctypes.data_as(_DOUBLE_P))
         lib.lammps_fix_external_set_virial_peratom(handle, fix_id, rows.ctypes.data_as(ctypes.POINTER(_DOUBLE_P)))
-
-
-def read_input(path: str | Path) -> list[str]:
-    """The commands of a LAMMPS input file, continuation lines (``&``) joined."""
-    commands, pending = [], ""
-    for line in Path(path).read_text().splitlines():
-        stripped = line.rstrip()
-        if stripped.endswith("&"):
-            pending += stripped[:-1] + " "
-            continue
-        commands.append(pending + line)
-        pending = ""
-    if pending:
-        commands.append(pending)
-    return commands

@@ -63,9 +63,8 @@ def open_lammps(log: str | None = "log.lammps", screen: bool = True, variables: 
     LammpsNotInstalled
         No usable LAMMPS module (see :func:`lammps_module`).
     ValueError
-        Started on more than one MPI rank: this route (``fix external`` with a
-        Python callback) evaluates the model on one process and sees only its
-        own atoms, so it is refused before any input is read.
+        Started on more than one MPI rank (:func:`check_one_rank`), before any
+        input is read.
     """
     args = ["-nocite", "-log", log or "none"]
     if not screen:
@@ -73,10 +72,26 @@ def open_lammps(log: str | None = "log.lammps", screen: bool = True, variables: 
     for name, value in (variables or {}).items():
         args += ["-var", str(name), str(value)]
     lmp = lammps_module().lammps(cmdargs=args)
+    try:
+        check_one_rank(lmp)
+    except ValueError:
+        lmp.close()
+        raise
+    return lmp
+
+
+def check_one_rank(lmp) -> None:
+    """Refuse a LAMMPS instance on more than one MPI rank.
+
+    Raises
+    ------
+    ValueError
+        More than one rank: ``fix external`` with a Python callback evaluates
+        the model on each process's own atoms only, without their neighbours
+        on other ranks; the message says so.
+    """
     ranks = lmp.extract_setting("world_size")
     if ranks > 1:
-        lmp.close()
         raise ValueError(f"LAMMPS was started on {ranks} MPI ranks; the mfmlip fix external route runs on one "
-                         "rank only (run without mpirun / with -np 1). A multi-rank route needs a C++ pair style "
+                         "rank only (run without mpirun, or with -np 1). A multi-rank route needs a C++ pair style "
                          "(see docs/lammps/README.md)")
-    return lmp

@@ -15,11 +15,27 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from mfmlip.data.graph import MIN_DISTANCE
 from mfmlip.data.structures import DataError
-from mfmlip.lammps.driver import MFFixExternal, check_elements, read_input
+from mfmlip.lammps.driver import MFFixExternal, check_elements
 from mfmlip.lammps.library import open_lammps
 from mfmlip.model.inference import resolve_model
+
+
+def read_input(path: str | Path) -> list[str]:
+    """The commands of a LAMMPS input file, continuation lines (``&``) joined."""
+    commands, pending = [], ""
+    for line in Path(path).read_text().splitlines():
+        stripped = line.rstrip()
+        if stripped.endswith("&"):
+            pending += stripped[:-1] + " "
+            continue
+        commands.append(pending + line)
+        pending = ""
+    if pending:
+        commands.append(pending)
+    return commands
 
 
 def run_input(path: str | Path, model, fidelity: str | None, elements=None, device: str | torch.device = "cpu",
