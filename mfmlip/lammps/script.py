@@ -23,18 +23,19 @@ from mfmlip.lammps.library import open_lammps
 from mfmlip.model.inference import resolve_model
 
 
-def read_input(path: str | Path) -> list[str]:
-    """The commands of a LAMMPS input file, continuation lines (``&``) joined."""
-    commands, pending = [], ""
-    for line in Path(path).read_text().splitlines():
-        stripped = line.rstrip()
-        if stripped.endswith("&"):
-            pending += stripped[:-1] + " "
+def read_input(path: str | Path) -> list[tuple[int, str]]:
+    """``(first line number, command)`` of each command of a LAMMPS input file,
+    continuation lines (ending in ``&``) joined."""
+    commands, pending, first = [], "", 1
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        first = number if not pending else first
+        if line.rstrip().endswith("&"):
+            pending += line.rstrip()[:-1] + " "
             continue
-        commands.append(pending + line)
+        commands.append((first, pending + line))
         pending = ""
     if pending:
-        commands.append(pending)
+        commands.append((first, pending))
     return commands
 
 
@@ -85,9 +86,9 @@ def run_input(path: str | Path, model, fidelity: str | None, elements=None, devi
         lmp.close()
 
 
-def _run(lmp, path: Path, commands: list[str], model, fidelity, elements, device, min_distance) -> MFFixExternal:
+def _run(lmp, path: Path, commands: list, model, fidelity, elements, device, min_distance) -> MFFixExternal:
     """Commands one by one until the box exists, the fix, then the rest as a file."""
-    for line_number, command in enumerate(commands, start=1):
+    for done, (line_number, command) in enumerate(commands, start=1):
         _lammps(lmp.command, command, f"{path}, line {line_number}")
         if lmp.extract_setting("box_exist"):
             break
@@ -99,7 +100,7 @@ def _run(lmp, path: Path, commands: list[str], model, fidelity, elements, device
         raise type(err)(f"{path}: {err}") from None
     with tempfile.TemporaryDirectory() as tmp:
         rest = Path(tmp) / path.name
-        rest.write_text("\n".join(commands[line_number:]) + "\n")
+        rest.write_text("".join(f"{command}\n" for _, command in commands[done:]))
         _lammps(lmp.file, str(rest), f"{path}, after line {line_number}", fix)
     return fix
 
