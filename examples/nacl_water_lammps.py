@@ -100,7 +100,8 @@ def read_thermo(log: Path) -> dict:
             break
         rows.append([float(x) for x in line.split()])
     table = dict(zip(names, np.array(rows).T))
-    table["steps_per_s"] = float(re.search(r"([\d.]+) timesteps/s", log.read_text()).group(1))
+    speed = re.search(r"([\d.]+) timesteps/s", log.read_text())
+    table["steps_per_s"] = float(speed.group(1)) if speed else None  # None: the run has not finished
     return table
 
 
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20000, help="NVT steps (default 10 ps at 0.5 fs)")
     parser.add_argument("--ase-steps", type=int, default=500, help="steps of the ASE timing run")
     parser.add_argument("--equilibration", type=float, default=1.0, help="ps left out of the RDFs and averages")
+    parser.add_argument("--analyse-only", action="store_true",
+                        help="no runs: analyse the LAMMPS run in --work-dir as far as it got")
     args = parser.parse_args()
     work, out = Path(args.work_dir), Path(args.output_dir)
     start = work / "start.data"
@@ -164,11 +167,14 @@ def main() -> None:
     summary = {"model": str(args.model), "n_atoms": len(atoms), "start_agreement_float64": agreement(
         args.model, start, atoms)}
     print(json.dumps(summary, indent=2), flush=True)
-    thermo = read_thermo(run_lammps(args.model, start, work, args.steps))
+    log = work / "log.lammps" if args.analyse_only else run_lammps(args.model, start, work, args.steps)
+    thermo = read_thermo(log)
     summary["lammps_steps_per_s"] = thermo["steps_per_s"]
-    summary["ase_steps_per_s"] = time_ase(args.model, atoms, args.ase_steps, work)
-    summary["load_average"] = os.getloadavg()
+    if not args.analyse_only:
+        summary["ase_steps_per_s"] = time_ase(args.model, atoms, args.ase_steps, work)
+        summary["load_average"] = os.getloadavg()
     frames = read(work / "nvt.dump", ":", format="lammps-dump-text", specorder=list(TYPES))
+    frames = frames[:len(thermo["Step"])]  # a dump frame and a thermo row every 20 steps
     frame_time = np.arange(len(frames)) * 20 * 0.5e-3  # ps: a frame every 20 steps of 0.5 fs
     kept = [a for a, t in zip(frames, frame_time) if t >= args.equilibration]
     after = thermo["Time"] >= args.equilibration

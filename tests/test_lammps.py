@@ -4,6 +4,7 @@ control what they should; bad input is refused before the run."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -241,7 +242,8 @@ def test_atoms_too_close_stop_the_run_at_that_step(tmp_path, make_model, nve_inp
 
 
 def test_more_than_one_mpi_rank_is_refused(tmp_path):
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    # the mpich wheel's launcher, beside this Python's scripts
+    mpiexec = shutil.which("mpiexec", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
     code = "from mfmlip.lammps import open_lammps; open_lammps(log=None, screen=False)"
     run = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
