@@ -11,6 +11,7 @@ import re
 import sys
 from pathlib import Path
 
+from mfmlip.cli import lammps as lammps_commands  # imports no torch
 from mfmlip.cli import types
 from mfmlip.cli.allocator import ENV as ALLOCATOR_ENV
 from mfmlip.cli.allocator import reexec_with_tcmalloc, tune_glibc_malloc
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulation_parsers(sub)
     add_study_parsers(sub)
     add_sample_parsers(sub)
+    lammps_commands.add_parsers(sub)
     return parser
 
 

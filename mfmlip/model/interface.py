@@ -62,6 +62,9 @@ class Potential(torch.nn.Module):
     property. The E0 table is ``e0_table()``, (n_fidelities, n_species) eV.
     """
 
+    #: :meth:`species_index` refuses unknown elements (off only while tracing for export)
+    check_species = True
+
     def __init__(self, species: list[int], fidelities: list[str], cutoff: float):
         super().__init__()
         self.species, self.fidelities, self.cutoff = [int(z) for z in species], list(fidelities), float(cutoff)
@@ -85,6 +88,8 @@ class Potential(torch.nn.Module):
             An element the model was not trained on.
         """
         idx = self.z_to_species[atomic_numbers]
+        if not self.check_species:  # a traced graph (mfmlip.model.export) has no data-dependent branch
+            return idx
         if (idx < 0).any():
             bad = sorted({chemical_symbols[int(z)] for z in atomic_numbers[idx < 0]})
             known = [chemical_symbols[z] for z in self.species]
