@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--steps", type=int, nargs=2, default=[50, 250])
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="only the store rows (e.g. peak RSS at large sizes)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "scale.json")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -113,12 +114,12 @@ def main() -> None:
     memory = args.work / "rattled_10k.extxyz"
     if not memory.is_file():
         write(memory, [s_to_atoms(s) for s in rattled(base, 10_000)], format="extxyz")
-    rows = [case(args.work, "memory_10k", memory, args.steps, 0)]
+    rows = [] if args.no_memory else [case(args.work, "memory_10k", memory, args.steps, 0)]
     for n in args.sizes:
         store = build_store(args.work / f"rattled_{n}.h5", base, n)
         rows.append(case(args.work, f"store_{n}", store, args.steps, args.workers))
-    # the same global batch of 32 from two processes of 16 (gloo, one thread each)
-    rows.append(case(args.work, "memory_10k_ddp2", memory, args.steps, 0, devices=2))
+    if not args.no_memory:  # the same global batch of 32 from two processes of 16 (gloo)
+        rows.append(case(args.work, "memory_10k_ddp2", memory, args.steps, 0, devices=2))
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "load_before": os.getloadavg(),
               "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"), "batch_size": BATCH,
               "steps": args.steps, "rows": rows}
