@@ -101,6 +101,7 @@ class SevenNetPotential(Potential):
     config : a SevenNet model config (``SevenNetCheckpoint.config``).
     state_dict : the network's weights; None leaves them as built.
     source : where the weights came from (``sevenn:7net-mf-0``), shown by ``mfmlip info``.
+    net : the network built from ``config`` already (``state_dict`` is then ignored).
 
     Raises
     ------
@@ -108,7 +109,7 @@ class SevenNetPotential(Potential):
         ``sevenn`` is not installed.
     """
 
-    def __init__(self, config: dict, state_dict: dict | None = None, source: str = "sevenn"):
+    def __init__(self, config: dict, state_dict: dict | None = None, source: str = "sevenn", net=None):
         from sevenn import _keys as SK
         from sevenn.model_build import build_E3_equivariant_model
 
@@ -118,9 +119,10 @@ class SevenNetPotential(Potential):
         fidelities = sorted(modal_map, key=modal_map.get) if modal_map else [SINGLE_FIDELITY]
         super().__init__(species, fidelities, float(config[SK.CUTOFF]))
         self.config, self.source = config, source
-        net = build_E3_equivariant_model(copy.deepcopy(config))
-        if state_dict is not None:
-            net.load_state_dict(state_dict, strict=True)
+        if net is None:
+            net = build_E3_equivariant_model(copy.deepcopy(config))
+            if state_dict is not None:
+                net.load_state_dict(state_dict, strict=True)
         net.delete_module_by_key("force_output")  # Potential.forward differentiates the energy
         net.set_is_batch_data(True)
         net.eval_modal_map, net.key_grad = False, None  # the fidelity index comes from the batch
@@ -133,8 +135,8 @@ class SevenNetPotential(Potential):
         from sevenn.checkpoint import SevenNetCheckpoint
 
         checkpoint = SevenNetCheckpoint(str(path))
-        built = checkpoint.build_model()  # applies sevenn's patches for old checkpoints
-        return cls(checkpoint.config, built.state_dict(), source=name)
+        net = checkpoint.build_model()  # applies sevenn's patches for old checkpoints
+        return cls(checkpoint.config, source=name, net=net)
 
     @property
     def dtype(self) -> torch.dtype:

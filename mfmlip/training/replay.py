@@ -30,14 +30,15 @@ from mfmlip.training.config import ConfigError, ReplayConfig, data_file
 ASE_CRYSTAL_ATOMS = 16  # elemental crystals are repeated to at least this many atoms
 
 
-def replay_splits(replay: ReplayConfig, model, own_train: list[Structure], species: list[int], root: Path,
-                  batch_size: int = 8, reader=read_structures) -> dict[str, list[Structure]]:
+def replay_splits(replay: ReplayConfig, model, original: list[str], own_train: list[Structure], species: list[int],
+                  root: Path, batch_size: int = 8, reader=read_structures) -> dict[str, list[Structure]]:
     """Train and val replay structures, each geometry labelled by ``model`` at every replay fidelity.
 
     Parameters
     ----------
     replay : the ``training.replay`` section.
-    model : the original model (before fine-tuning), at the training dtype.
+    model : the original model (before fine-tuning; new fidelities may have been added), at the training dtype.
+    original : the fidelities the original model was trained on: the default ``replay.fidelities``.
     own_train : the user's training structures (geometries for ``structures: training``).
     species : the data's atomic numbers (elements of ``structures: ase``).
 
@@ -47,11 +48,11 @@ def replay_splits(replay: ReplayConfig, model, own_train: list[Structure], speci
         A replay fidelity the model does not have, ``structures: files`` without
         files, or replay structures with elements the model does not know.
     """
-    fidelities = replay.fidelities or list(model.fidelities)
-    unknown = [f for f in fidelities if f not in model.fidelities]
+    fidelities = replay.fidelities or list(original)
+    unknown = [f for f in fidelities if f not in original]
     if unknown:
         raise ConfigError(f"training.replay.fidelities: {unknown} are not fidelities of the init_from model "
-                          f"({model.fidelities})")
+                          f"({original})")
     geometries = _geometries(replay, own_train, species, root, reader)
     rng = np.random.default_rng(replay.seed)
     picked = [geometries[i] for i in rng.permutation(len(geometries))[: replay.max_structures]]

@@ -55,9 +55,10 @@ def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotent
     return MFPotential(spec, e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"])
 
 
-def _init_from_model(cfg: Config, data) -> Potential:
+def _init_from_model(cfg: Config, data) -> tuple[Potential, list[str]]:
     """``training.init_from`` (a model file or a name such as ``sevenn:7net-mf-0``)
-    extended by the data's new fidelities, each a copy of ``training.new_fidelity_like``."""
+    extended by the data's new fidelities, each a copy of ``training.new_fidelity_like``;
+    and the fidelities the model had."""
     base = load_model(cfg.training.init_from, dtype=torch.float64)
     unknown = sorted(set(data.species) - set(base.species))
     if unknown:
@@ -65,13 +66,14 @@ def _init_from_model(cfg: Config, data) -> Potential:
             f"training.init_from {cfg.training.init_from}: the data has elements {unknown} "
             f"(atomic numbers) the model does not know; it knows {sorted(base.species)}"
         )
-    new = [f for f in data.fidelities if f not in base.fidelities]
+    original = list(base.fidelities)
+    new = [f for f in data.fidelities if f not in original]
     for name in new:
         base = add_fidelity(base, name, like=cfg.training.new_fidelity_like)
     train = [s for s in data.splits["train"] if s.fidelity in new]
     for name in new:
         _fit_new_e0(base, [s for s in train if s.fidelity == name], name, cfg)
-    return base
+    return base, original
 
 
 def _fit_new_e0(model: Potential, structures: list, name: str, cfg: Config) -> None:
@@ -197,12 +199,12 @@ def train(
     print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
     base = _delta_base(cfg, data)
     stats = training_statistics(data, cfg)
-    initial = _init_from_model(cfg, data) if cfg.training.init_from else None
+    initial, original = _init_from_model(cfg, data) if cfg.training.init_from else (None, [])
     n_own = len(data.splits["train"])
     if initial is not None:
         check_training_fidelities(cfg.training, initial.fidelities)
         data.fidelities = initial.fidelities  # graphs index the model's fidelity list
-        _add_replay(cfg, data, initial.to(getattr(torch, cfg.model.dtype)), root, reader)
+        _add_replay(cfg, data, initial.to(getattr(torch, cfg.model.dtype)), original, root, reader)
     cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
     t = cfg.training
     train_graphs = data.graphs("train", cutoff)
@@ -249,12 +251,13 @@ def train(
     return model_path
 
 
-def _add_replay(cfg: Config, data, model: Potential, root: Path, reader) -> None:
-    """Append the replay structures (:mod:`mfmlip.training.replay`) to the train and val splits."""
+def _add_replay(cfg: Config, data, model: Potential, original: list[str], root: Path, reader) -> None:
+    """Append the replay structures (:mod:`mfmlip.training.replay`) to the train and val
+    splits; ``original``: the fidelities of ``init_from`` (the default replay fidelities)."""
     if not cfg.training.replay:
         return
     started = time.time()
-    parts = replay_splits(cfg.training.replay, model, data.splits["train"], data.species, root,
+    parts = replay_splits(cfg.training.replay, model, original, data.splits["train"], data.species, root,
                           cfg.training.eval_batch_size, reader)
     for split, structures in parts.items():
         data.splits[split] = data.splits[split] + structures
