@@ -80,3 +80,19 @@ def test_replay_needs_a_model_to_replay(tmp_path, data_dir):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="training.replay needs training.init_from"):
         train(path, data_root=data_dir)
+
+
+def test_the_foundation_study_method_fine_tunes_the_universal_model_on_all_levels(tmp_path, data_dir):
+    from mfmlip.study import load_study
+    from mfmlip.study.plan import CachedReader, plan_study
+    from test_study import tiny_study
+
+    cfg = load_study(tiny_study(tmp_path, grid={"methods": ["foundation", "single_fidelity"]},
+                                quick={"methods": ["foundation", "single_fidelity"]})).reduced()
+    plan = plan_study(cfg, data_dir, CachedReader())
+    foundation = [r for r in plan.runs if r.method == "foundation"]
+    assert foundation and not any(r.method == "low" for r in plan.runs)  # nothing to wait for
+    for run in foundation:
+        assert run.needs is None and run.config.training.init_from == "sevenn:7net-mf-0"
+        assert [f.path for f in run.config.data.files] == ["malonaldehyde/GFN2-xTB.extxyz",
+                                                          "malonaldehyde/CCSDT_CBS.extxyz"]

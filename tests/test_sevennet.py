@@ -43,12 +43,25 @@ def mf0():
     return load_model(MF0)
 
 
+@pytest.fixture(scope="module")
+def sevennet():
+    """SevenNet's own calculator of ``(model, modal)``, built once per module."""
+    built = {}
+
+    def get(model: str, modal: str | None = None):
+        if (model, modal) not in built:
+            built[model, modal] = sevenn_calculator.SevenNetCalculator(model, modal=modal, device="cpu")
+        return built[model, modal]
+
+    return get
+
+
 @pytest.mark.parametrize("fidelity", ["PBE", "R2SCAN"])
 @pytest.mark.parametrize("name", list(STRUCTURES))
-def test_predictions_equal_sevennet_calculator(mf0, name, fidelity):
+def test_predictions_equal_sevennet_calculator(mf0, sevennet, name, fidelity):
     ours, theirs = STRUCTURES[name](), STRUCTURES[name]()
     ours.calc = MFCalculator(mf0, fidelity=fidelity)
-    theirs.calc = sevenn_calculator.SevenNetCalculator("7net-mf-0", modal=fidelity, device="cpu")
+    theirs.calc = sevennet("7net-mf-0", fidelity)
     n = len(ours)
     assert abs(ours.get_potential_energy() - theirs.get_potential_energy()) / n < 1e-5  # eV/atom
     np.testing.assert_allclose(ours.get_forces(), theirs.get_forces(), atol=1e-4)  # eV/A
@@ -91,21 +104,21 @@ def test_an_added_fidelity_starts_as_its_copy_and_survives_the_model_file(mf0, t
     assert energies["loaded", "MP2"] == pytest.approx(energies["grown", "MP2"], abs=1e-6)
 
 
-def test_a_model_without_fidelity_input_loads_but_refuses_new_fidelities():
+def test_a_model_without_fidelity_input_loads_but_refuses_new_fidelities(sevennet):
     model = load_model("sevenn:7net-0")
     assert model.fidelities == ["PBE"]
     atoms, theirs = srtio3(), srtio3()
     atoms.calc = MFCalculator(model, fidelity="PBE")
-    theirs.calc = sevenn_calculator.SevenNetCalculator("7net-0", device="cpu")
+    theirs.calc = sevennet("7net-0")
     assert abs(atoms.get_potential_energy() - theirs.get_potential_energy()) / len(atoms) < 1e-5
     with pytest.raises(ValueError, match="no fidelity input"):
         add_fidelity(model, "MP2", like="PBE")
 
 
-def test_info_and_evaluate_take_a_sevenn_name(tmp_path, capsys):
+def test_info_and_evaluate_take_a_sevenn_name(sevennet, tmp_path, capsys):
     frames = []
     for atoms in (srtio3(), ethanol()):
-        atoms.calc = sevenn_calculator.SevenNetCalculator("7net-mf-0", modal="R2SCAN", device="cpu")
+        atoms.calc = sevennet("7net-mf-0", "R2SCAN")
         atoms.info["energy"], atoms.arrays["forces"] = atoms.get_potential_energy(), atoms.get_forces()
         atoms.calc = None
         frames.append(atoms)

@@ -44,7 +44,7 @@ from mfmlip.training.rundir import prepare_output_dir, write_run_config
 
 MODEL_FILE = "model.pt"
 REPLAY_GROUP = -1  # sampler group of the replay structures (fidelity indices are >= 0)
-E0_FIT_STRUCTURES = 64  # structures of a new fidelity that its E0 is fitted on (a pass of the model each)
+E0_FIT_STRUCTURES = 16  # structures of a new fidelity that its E0 is fitted on (a pass of the model each)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 
 
