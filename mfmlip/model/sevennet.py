@@ -107,6 +107,13 @@ class SevenNetPotential(Potential):
     ------
     ImportError
         ``sevenn`` is not installed.
+
+    Examples
+    --------
+    >>> from mfmlip.model import load_model
+    >>> model = load_model("sevenn:7net-mf-0")  # doctest: +SKIP
+    >>> model.fidelities, model.cutoff  # doctest: +SKIP
+    (['R2SCAN', 'PBE'], 5.0)
     """
 
     def __init__(self, config: dict, state_dict: dict | None = None, source: str = "sevenn", net=None):
@@ -118,7 +125,7 @@ class SevenNetPotential(Potential):
         modal_map = config.get(SK.MODAL_MAP) if config.get(SK.USE_MODALITY) else None
         fidelities = sorted(modal_map, key=modal_map.get) if modal_map else [SINGLE_FIDELITY]
         super().__init__(species, fidelities, float(config[SK.CUTOFF]))
-        self.config, self.source = config, source
+        self.config, self.source, self.has_fidelity_input = config, source, modal_map is not None
         if net is None:
             net = build_E3_equivariant_model(copy.deepcopy(config))
             if state_dict is not None:
@@ -141,10 +148,6 @@ class SevenNetPotential(Potential):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.net.parameters()).dtype
-
-    @property
-    def has_fidelity_input(self) -> bool:
-        return len(self.fidelities) > 1 or bool(self.config.get("use_modality"))
 
     @property
     def e0(self) -> torch.Tensor:
