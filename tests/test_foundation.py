@@ -96,3 +96,14 @@ def test_the_foundation_study_method_fine_tunes_the_universal_model_on_all_level
         assert run.needs is None and run.config.training.init_from == "sevenn:7net-mf-0"
         assert [f.path for f in run.config.data.files] == ["malonaldehyde/GFN2-xTB.extxyz",
                                                           "malonaldehyde/CCSDT_CBS.extxyz"]
+
+
+def test_the_ase_replay_set_is_made_of_the_data_elements_only():
+    from mfmlip.training.replay import ase_structures
+
+    structures = ase_structures([1, 8, 11, 17])  # NaCl-water
+    formulas = {s.source.split()[-1] for s in structures}
+    assert {"H2O", "HCl", "Cl2", "ClNa", "Na27"} <= formulas  # G2 molecules; bcc Na, 3x3x3 for >= 16 atoms
+    assert all(set(s.atomic_numbers.tolist()) <= {1, 8, 11, 17} for s in structures)
+    crystal = next(s for s in structures if s.source.endswith("Na27"))
+    assert crystal.pbc.all() and crystal.n_atoms == 27

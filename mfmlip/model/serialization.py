@@ -168,7 +168,8 @@ def describe_model(path: str | Path) -> str:
     for name in model.fidelities:
         c = counts.get(name)
         seen = (f"{c['structures']} training structures ({c['energy']} energies, {c['forces']} forces, "
-                f"{c['stress']} stresses)" if c else "training data not recorded")
+                f"{c['stress']} stresses)" if c else "training data not shipped with the model" if sevenn
+                else "training data not recorded")
         e0 = ", ".join(f"{el} {v:.4f}" for el, v in meta.get("e0", {}).get(name, {}).items())
         e0 = e0 or ("the network's per-element shift" if sevenn else "not recorded")
         lines.append(f"  {name!r}: {seen}; E0 (eV): {e0}")
