@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("evaluate", help="metrics and parity plot of a model on labelled data")
-    p.add_argument("model", help="model file (model.pt) written by mfmlip train")
+    p.add_argument("model", help="model file (model.pt) written by mfmlip train, or a universal model "
+                   "such as sevenn:7net-mf-0 (the sevenn extra)")
     p.add_argument("data", help="ASE-readable file with reference energies/forces")
     p.add_argument("--fidelity", required=True, help="fidelity to predict at")
     p.add_argument("--index", type=types.ase_index, default=":", help="ASE index of frames to use (default all)")
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", default=".", help="where metrics JSON and parity PNG go")
     p.set_defaults(func=_evaluate)
     p = sub.add_parser("info", help="a model file's fidelities (names for --fidelity), species, cutoff, E0s")
-    p.add_argument("model", help="model file (model.pt) written by mfmlip train")
+    p.add_argument("model", help="model file (model.pt) written by mfmlip train, or a universal model "
+                   "such as sevenn:7net-mf-0")
     p.set_defaults(func=_info)
 
     add_simulation_parsers(sub)

@@ -6,6 +6,7 @@ import torch
 from e3nn import o3
 
 from mfmlip.model.potential import MFPotential
+from mfmlip.model.sevennet import SevenNetPotential
 
 
 def _grow(old: torch.Tensor, new: torch.Tensor, n_old: int, source: int) -> torch.Tensor:
@@ -38,18 +39,20 @@ def _grow_linear(old_lin: o3.Linear, new_lin: o3.Linear, old_w, new_w, n_old: in
     return out
 
 
-def add_fidelity(model: MFPotential, name: str, like: str | None = None) -> MFPotential:
+def add_fidelity(model: MFPotential | SevenNetPotential, name: str, like: str | None = None):
     """A copy of ``model`` that also knows fidelity ``name``.
 
     Everything the fidelity touches (one-hot columns of the conditioned linear
-    layers, the state-embedding row, the readout head, the E0 row) starts as a
-    copy of fidelity ``like`` (default: the first one), so the new fidelity
-    predicts exactly what ``like`` does until it is fine-tuned.
+    layers, the state-embedding row, the readout head, the E0 row; for a
+    SevenNet model its modal one-hot columns and shift row) starts as a copy of
+    fidelity ``like`` (default: the first one), so the new fidelity predicts
+    exactly what ``like`` does until it is fine-tuned.
 
     Raises
     ------
     ValueError
-        ``name`` exists already, or ``like`` is unknown.
+        ``name`` exists already, ``like`` is unknown, or the model has no
+        fidelity input (a single-fidelity SevenNet model).
 
     Examples
     --------
@@ -61,8 +64,17 @@ def add_fidelity(model: MFPotential, name: str, like: str | None = None) -> MFPo
     if name in model.fidelities:
         raise ValueError(f"fidelity {name!r} exists already in {model.fidelities}")
     source = model.fidelity_index(like) if like is not None else 0
+    if isinstance(model, SevenNetPotential):
+        new = model.with_fidelity(name, model.fidelities[source])
+    else:
+        new = MFPotential(model.spec.model_copy(update={"fidelities": [*model.fidelities, name]})).to(model.dtype)
+    new.load_state_dict(_grown_state(model, new, source))
+    return new.train(model.training)
+
+
+def _grown_state(model: torch.nn.Module, new: torch.nn.Module, source: int) -> dict:
+    """``model``'s state laid out as ``new``'s, which has one fidelity more (a copy of ``source``)."""
     n_old = len(model.fidelities)
-    new = MFPotential(model.spec.model_copy(update={"fidelities": [*model.fidelities, name]})).to(model.dtype)
     old_state, old_modules = model.state_dict(), dict(model.named_modules())
     new_modules = dict(new.named_modules())
     state = {}
@@ -75,5 +87,4 @@ def add_fidelity(model: MFPotential, name: str, like: str | None = None) -> MFPo
             state[key] = _grow_linear(old_modules[module_name], new_modules[module_name], old_t, new_t, n_old, source)
         else:
             state[key] = _grow(old_t, new_t, n_old, source)
-    new.load_state_dict(state)
-    return new.train(model.training)
+    return state

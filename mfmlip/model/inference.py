@@ -41,9 +41,10 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def resolve_model(model: str | Path | Potential, device: str | torch.device = "cpu", dtype=None) -> Potential:
-    """A model file or module on ``device`` in eval mode.
+    """A model file, a SevenNet name such as ``"sevenn:7net-mf-0"``
+    (:mod:`mfmlip.model.sevennet`) or a module, on ``device`` in eval mode.
 
-    ``dtype`` default: a module keeps its own, a model file loads as float32.
+    ``dtype`` default: a module keeps its own, a model file or name loads as float32.
 
     Raises
     ------
@@ -52,7 +53,7 @@ def resolve_model(model: str | Path | Potential, device: str | torch.device = "c
     ValueError
         An unsupported dtype.
     TypeError
-        Neither a path nor a :class:`Potential`.
+        Neither a path, a name nor a :class:`Potential`.
     """
     torch_dtype = resolve_dtype(dtype)
     if isinstance(model, Potential):

@@ -45,7 +45,7 @@ def fidelity_index(fidelities: list[str], name: str | None) -> int:
 
 class Potential(torch.nn.Module):
     """Base class of every mfmlip potential (:class:`~mfmlip.model.MFPotential`,
-    :class:`~mfmlip.model.DeltaPotential`).
+    :class:`~mfmlip.model.DeltaPotential`, :class:`~mfmlip.model.SevenNetPotential`).
 
     Parameters
     ----------

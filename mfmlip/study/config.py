@@ -17,11 +17,13 @@ from pydantic import (
 
 from mfmlip.model.fidelity import SCHEMES
 from mfmlip.training.config import (
-    ConfigError, FileConfig, ModelConfig, StrictModel, TrainingConfig, describe_validation_error,
+    ConfigError, FileConfig, ModelConfig, ReplayConfig, StrictModel, TrainingConfig, describe_validation_error,
 )
 
-SINGLE, TRANSFER, DELTA = "single_fidelity", "transfer", "delta"
-METHODS = (*sorted(SCHEMES), SINGLE, TRANSFER, DELTA)
+SINGLE, TRANSFER, DELTA, FOUNDATION = "single_fidelity", "transfer", "delta", "foundation"
+DEFAULT_METHODS = (*sorted(SCHEMES), SINGLE, TRANSFER, DELTA)
+# foundation fine-tunes a universal model (options.foundation), ~18x the cost of a default run: asked for by name
+METHODS = (*DEFAULT_METHODS, FOUNDATION)
 Method = Literal[METHODS]  # type: ignore[valid-type]
 Fraction = confloat(gt=0.0, le=1.0)
 Selection = Literal["random", "direct", "narrow"]
@@ -47,7 +49,7 @@ class StudyData(StrictModel):
 
 
 class Grid(StrictModel):
-    methods: list[Method] = Field(default_factory=lambda: list(METHODS), min_length=1)
+    methods: list[Method] = Field(default_factory=lambda: list(DEFAULT_METHODS), min_length=1)
     fractions: list[Fraction] = Field(default_factory=lambda: [0.05, 0.1, 0.25, 0.5, 0.8], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
     selections: list[Selection] = Field(default_factory=lambda: ["random"], min_length=1)
@@ -66,6 +68,10 @@ class MethodOptions(StrictModel):
     structures of lowest PC1 score, a region holding this share of the pool
     (or the n structures asked for, if more).
     ``direct``: options of :func:`mfmlip.sampling.direct_select` (k, pick, ...).
+    ``foundation``: the universal model that the ``foundation`` method fine-tunes
+    (``training.init_from``) on the high level, with the low levels as extra
+    fidelities; ``foundation_like``, ``foundation_freeze`` and
+    ``foundation_replay``: its ``new_fidelity_like``, ``freeze`` and ``replay``.
     """
 
     low_scheme: str = "one_hot_linear"
@@ -73,6 +79,10 @@ class MethodOptions(StrictModel):
     transfer_freeze: list[str] = ["embedding"]
     narrow_share: Fraction = 0.2
     direct: dict = {}
+    foundation: str = "sevenn:7net-mf-0"
+    foundation_like: Optional[str] = None
+    foundation_freeze: list[str] = []
+    foundation_replay: Optional[ReplayConfig] = None
 
 
 class Quick(StrictModel):

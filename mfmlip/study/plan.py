@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from mfmlip.data.structures import Structure, read_structures
-from mfmlip.study.config import DELTA, SINGLE, TRANSFER, StudyConfig
+from mfmlip.study.config import DELTA, FOUNDATION, SINGLE, TRANSFER, StudyConfig
 from mfmlip.training.checks import check_fidelity_names, check_label_keys
 from mfmlip.training.config import Config, ConfigError, FileConfig, SplitConfig, data_file
 from mfmlip.training.data import read_entry
@@ -186,7 +186,8 @@ def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries
         name = f"{method}/{tag}"
         config = _method_run(cfg, method, out / "runs" / name, high_entry, low_entries, seed, cfg.training.max_steps,
                              root, base_fidelity, low_name, levels)
-        starts_from_low = config.training.init_from or config.training.delta_from or choose
+        from_low = method != FOUNDATION and (config.training.init_from or config.training.delta_from)
+        starts_from_low = from_low or choose  # a DIRECT or narrow pick encodes with the low-level model
         runs.append(Run(name, method, fraction, seed, n, config, low_name if starts_from_low else None,
                         selection, choose))
     return runs
@@ -204,6 +205,11 @@ def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root,
     if method == DELTA:
         return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root, high,
                        delta_from=low_model, delta_fidelity=base_fidelity)
+    if method == FOUNDATION:
+        o = cfg.options
+        return _config(cfg, folder, [*low_entries, high_entry], cfg.model.fidelity_scheme, seed, steps, root,
+                       [*levels[0], *high], init_from=o.foundation, new_fidelity_like=o.foundation_like,
+                       freeze=o.foundation_freeze, replay=o.foundation_replay)
     return _config(cfg, folder, [*low_entries, high_entry], method, seed, steps, root, [*levels[0], *high])
 
 

@@ -106,6 +106,39 @@ class WeightOverride(StrictModel):
     stress: Optional[NonNegativeFloat] = None
 
 
+class ReplayFile(StrictModel):
+    """Structures to replay; their labels are not used. ``path`` is relative to the data root."""
+
+    path: str
+    index: str = ":"
+
+
+class ReplayConfig(StrictModel):
+    """``training.replay``: keep a fine-tuned ``init_from`` model close to the original
+    at the original's fidelities (:mod:`mfmlip.training.replay`).
+
+    The structures are labelled by the ``init_from`` model itself, before any
+    training, at each of ``fidelities`` (default: all of the model's, e.g. PBE
+    and R2SCAN for sevenn:7net-mf-0), so no training data of the original is
+    needed. ``structures``: ``"training"`` (the geometries of the training
+    splits of ``data.files``), ``"ase"`` (ASE's G2 molecules and rattled
+    elemental crystals made of the data's elements) or ``"files"``
+    (``files``). ``share``: of each epoch's training draws, the rest going to
+    the user's data in its own shares (``training.sampling``, else by count).
+    Their loss weights are those of their fidelity (``fidelity_weights``).
+    ``val``: fraction held out, whose errors against the original
+    (``val_energy_mae/<fidelity>``) measure forgetting.
+    """
+
+    structures: Literal["training", "ase", "files"] = "training"
+    files: list[ReplayFile] = []
+    fidelities: Optional[list[str]] = None
+    share: float = Field(0.2, gt=0.0, lt=1.0)
+    max_structures: PositiveInt = 100
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
 class TrainingConfig(StrictModel):
     batch_size: PositiveInt = 16
     max_epochs: PositiveInt = 100
@@ -124,8 +157,9 @@ class TrainingConfig(StrictModel):
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     gradient_clip: Optional[PositiveFloat] = 10.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
-    init_from: Optional[str] = None
-    new_fidelity_like: Optional[str] = None
+    init_from: Optional[str] = None  # model file, or a universal model such as sevenn:7net-mf-0
+    new_fidelity_like: Optional[str] = None  # init_from's fidelity that a new fidelity starts as a copy of
+    replay: Optional[ReplayConfig] = None  # with init_from: replay structures labelled by the original model
     freeze: list[str] = []
     delta_from: Optional[str] = None  # base model file: train a correction to its predictions
     delta_fidelity: Optional[str] = None  # the base model's fidelity to correct (default: its first)

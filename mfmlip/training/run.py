@@ -7,24 +7,29 @@ import json
 import shutil
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
 from mfmlip.analysis.metrics import format_table
-from mfmlip.data.e0 import build_e0_table, e0_as_dict
-from mfmlip.data.store import fidelity_names
+from mfmlip.data.e0 import build_e0_table, composition_matrix, e0_as_dict
+from mfmlip.data.store import chain, fidelity_names
 from mfmlip.data.structures import read_structures
 from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.extend import add_fidelity
 from mfmlip.model.potential import MFPotential
 from mfmlip.model.serialization import load_model, save_model
-from mfmlip.model.interface import fidelity_index
+from mfmlip.model.inference import Predictor
+from mfmlip.model.interface import Potential, fidelity_index
+from mfmlip.model.sevennet import is_sevenn_name
 from mfmlip.model.spec import ModelSpec
 from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEpoch
 from mfmlip.training.checks import check_device, check_training_fidelities, label_counts
@@ -35,10 +40,13 @@ from mfmlip.training.data import (
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
 from mfmlip.training.parallel import check_parallel, lead_process, world_size
+from mfmlip.training.replay import replay_splits
 from mfmlip.training.sampler import FidelityShareSampler, RankShard
 from mfmlip.training.rundir import prepare_output_dir, write_run_config
 
 MODEL_FILE = "model.pt"
+REPLAY_GROUP = -1  # sampler group of the replay structures (fidelity indices are >= 0)
+E0_FIT_STRUCTURES = 16  # structures of a new fidelity that its E0 is fitted on (a pass of the model each)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")  # ours casts the dtype
 
@@ -50,26 +58,50 @@ def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotent
     return MFPotential(spec, e0=torch.as_tensor(stats["e0"]), energy_scale=stats["energy_scale"])
 
 
-def _init_from_model(cfg: Config, data) -> MFPotential:
-    """``training.init_from`` extended by the data's new fidelities (each a copy
-    of ``training.new_fidelity_like``, with E0 fitted on the training split)."""
+def _init_from_model(cfg: Config, data) -> tuple[Potential, list[str]]:
+    """``training.init_from`` (a model file or a name such as ``sevenn:7net-mf-0``)
+    extended by the data's new fidelities, each a copy of ``training.new_fidelity_like``;
+    and the fidelities the model had."""
     base = load_model(cfg.training.init_from, dtype=torch.float64)
     unknown = sorted(set(data.species) - set(base.species))
     if unknown:
         raise ConfigError(
             f"training.init_from {cfg.training.init_from}: the data has elements {unknown} "
-            f"(atomic numbers) the model does not know; it knows {base.species}"
+            f"(atomic numbers) the model does not know; it knows {sorted(base.species)}"
         )
-    new = [f for f in data.fidelities if f not in base.fidelities]
+    original = list(base.fidelities)
+    new = [f for f in data.fidelities if f not in original]
     for name in new:
         base = add_fidelity(base, name, like=cfg.training.new_fidelity_like)
-    if new:
-        train = [s for s in data.splits["train"] if s.fidelity in new]
-        table = build_e0_table(train, base.species, new, cfg.data.e0, cfg.data.e0_ridge)
-        with torch.no_grad():
-            for row, name in zip(table, new, strict=True):
-                base.e0[base.fidelity_index(name)] = torch.as_tensor(row)
-    return base
+    train = [s for s in data.splits["train"] if s.fidelity in new]
+    for name in new:
+        _fit_new_e0(base, [s for s in train if s.fidelity == name], name, cfg)
+    return base, original
+
+
+def _fit_new_e0(model: Potential, structures: list, name: str, cfg: Config) -> None:
+    """Set the E0 row of the new fidelity ``name`` from its training structures
+    (at most :data:`E0_FIT_STRUCTURES`, evenly spaced): the least-squares E0 of
+    the labels minus the network's prediction without E0 (the network is still
+    a copy of ``new_fidelity_like``), so the new fidelity starts as close to
+    its data as an E0 shift allows. Elements absent from the data keep the
+    copied row; ``data.e0`` given for ``name`` is taken as it is."""
+    if name in cfg.data.e0:
+        table = build_e0_table(structures, model.species, [name], cfg.data.e0, cfg.data.e0_ridge)
+    else:
+        labelled = [s for s in structures if np.isfinite(s.energy)]
+        step = max(1, -(-len(labelled) // E0_FIT_STRUCTURES))
+        subset = labelled[::step]
+        row = model.fidelity_index(name)
+        e0_now = composition_matrix(subset, model.species) @ model.e0_table()[row]
+        network = np.concatenate([p[K.ENERGY].double().cpu().numpy() for _, _, p in
+                                  Predictor(model, name).predict(subset, cfg.training.eval_batch_size, forces=False)])
+        residual = [replace(s, energy=s.energy - (e - e0)) for s, e, e0 in zip(subset, network, e0_now, strict=True)]
+        table = build_e0_table(residual, model.species, [name], {}, cfg.data.e0_ridge)
+    present = sorted({int(z) for s in structures for z in s.atomic_numbers})
+    cols = model.species_index(torch.tensor(present))
+    with torch.no_grad():
+        model.e0[model.fidelity_index(name), cols] = torch.as_tensor(table[0], dtype=model.e0.dtype)[cols]
 
 
 def freeze(model: torch.nn.Module, prefixes: list[str]) -> None:
@@ -156,8 +188,10 @@ def train(
     cfg = config if isinstance(config, Config) else load_config(config)
     for key in ("init_from", "delta_from"):
         given = getattr(cfg.training, key)
-        if given and not Path(given).is_file():
+        if given and not is_sevenn_name(given) and not Path(given).is_file():
             raise ConfigError(f"training.{key}: model file {given} not found")
+    if cfg.training.replay and not cfg.training.init_from:
+        raise ConfigError("training.replay needs training.init_from: the model whose fidelities are replayed")
     out, root = Path(cfg.output_dir), resolve_data_root(cfg, data_root)
     check_device(cfg)
     check_parallel(cfg)
@@ -168,15 +202,19 @@ def train(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
     data = prepare_data(cfg, root, reader)
-    check_training_fidelities(cfg.training, data.fidelities)
+    if not cfg.training.init_from:  # else once the model's fidelities are known
+        check_training_fidelities(cfg.training, data.fidelities)
     if lead:
         write_run_config(cfg, out, root)
         print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
     base = _delta_base(cfg, data)
     stats = training_statistics(data, cfg)
-    initial = _init_from_model(cfg, data) if cfg.training.init_from else None
+    initial, original = _init_from_model(cfg, data) if cfg.training.init_from else (None, [])
+    n_own = len(data.splits["train"])
     if initial is not None:
+        check_training_fidelities(cfg.training, initial.fidelities)
         data.fidelities = initial.fidelities  # graphs index the model's fidelity list
+        _add_replay(cfg, data, initial.to(getattr(torch, cfg.model.dtype)), original, root, reader)
     cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
     t = cfg.training
     train_set = data.dataset("train", cutoff)
@@ -186,7 +224,7 @@ def train(
     module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, weights)
     freeze(module.model, t.freeze)
     module.train_structures = data.splits["train"]
-    order = _train_order(cfg, data, train_set)
+    order = _train_order(cfg, data, train_set, n_own)
     loaders = GraphDataModule(train_set, data.dataset("val", cutoff), order, t.batch_size, t.eval_batch_size,
                               t.num_workers)
     trainer = _trainer(cfg, out, len(RankShard(order, t.batch_size, 0, world_size(t))) // t.batch_size)
@@ -223,11 +261,27 @@ def train(
     return model_path
 
 
-def _train_order(cfg: Config, data, train_set):
+def _add_replay(cfg: Config, data, model: Potential, original: list[str], root: Path, reader) -> None:
+    """Append the replay structures (:mod:`mfmlip.training.replay`) to the train and val
+    splits; ``original``: the fidelities of ``init_from`` (the default replay fidelities)."""
+    if not cfg.training.replay:
+        return
+    started = time.time()
+    parts = replay_splits(cfg.training.replay, model, original, data.splits["train"], data.species, root,
+                          cfg.training.eval_batch_size, reader)
+    for split, structures in parts.items():
+        data.splits[split] = chain([data.splits[split], structures])
+    print(f"replay: {len(parts['train'])} training and {len(parts['val'])} validation labels from "
+          f"{cfg.training.init_from} in {time.time() - started:.0f} s", flush=True)
+
+
+def _train_order(cfg: Config, data, train_set, n_own: int):
     """The sampler of an epoch's training draws, the same in every process: the
-    :class:`FidelityShareSampler` of ``training.sampling``, else a shuffle. A
-    step-budgeted run with step-wise validation has epochs of at least one
-    validation interval of global batches.
+    :class:`FidelityShareSampler` of ``training.sampling`` and ``training.replay``,
+    else a shuffle. The replay structures (after the first ``n_own``) form one
+    group of share ``replay.share``; the user's fidelities share the rest, by
+    ``training.sampling`` or else by count. A step-budgeted run with step-wise
+    validation has epochs of at least one validation interval of global batches.
 
     Raises
     ------
@@ -238,17 +292,21 @@ def _train_order(cfg: Config, data, train_set):
     t = cfg.training
     n, batch = len(train_set), t.batch_size * world_size(t)
     passes = epoch_passes(n, batch, t.val_interval_steps or 1)
-    if not t.sampling:
+    if not t.sampling and not t.replay:
         return EpochShuffle(n, cfg.seed, passes)
-    present = sorted(set(fidelity_names(data.splits["train"])))
+    own = fidelity_names(data.splits["train"])[:n_own]
+    present = sorted(set(own))
     missing = sorted(set(present) - set(t.sampling))
-    if missing:
+    if t.sampling and missing:
         raise ConfigError(f"training.sampling: no share for {missing} (training fidelities: {present})")
-    return FidelityShareSampler(
-        train_set.fidelity_indices(),
-        {fidelity_index(data.fidelities, f): share for f, share in t.sampling.items()},
-        num_samples=n * passes, seed=cfg.seed,
-    )
+    shares = t.sampling or {f: own.count(f) / n_own for f in present}
+    kept = 1.0 - (t.replay.share if t.replay else 0.0)
+    groups = {fidelity_index(data.fidelities, f): share * kept for f, share in shares.items()}
+    labels = train_set.fidelity_indices()[:n_own]
+    if t.replay and n > n_own:
+        groups[REPLAY_GROUP] = t.replay.share
+        labels += [REPLAY_GROUP] * (n - n_own)
+    return FidelityShareSampler(labels, groups, num_samples=n * passes, seed=cfg.seed)
 
 
 def _label_counts(structures) -> dict:
