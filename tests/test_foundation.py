@@ -10,7 +10,7 @@ from mfmlip.model import SevenNetPotential, load_model
 from mfmlip.model.inference import Predictor
 from mfmlip.training.config import ConfigError, load_config, resolve_data_root
 from mfmlip.training.data import prepare_data
-from mfmlip.training.run import REPLAY_GROUP, _init_from_model, _share_sampler, read_metrics, train
+from mfmlip.training.run import REPLAY_GROUP, _init_from_model, _train_order, read_metrics, train
 
 HIGH = "CCSD(T)/CBS"
 
@@ -60,13 +60,20 @@ def test_fine_tuning_with_replay_keeps_the_replayed_fidelities_in_training(tmp_p
     assert {"val_energy_mae/PBE", "val_energy_mae/R2SCAN"} <= columns  # forgetting, measured while training
 
 
+class _Graphs(list):
+    """What the sampler reads of a GraphDataset: its length and fidelity indices."""
+
+    def fidelity_indices(self) -> list[int]:
+        return list(self)
+
+
 def test_replay_gets_its_share_of_every_epoch(tmp_path, data_dir):
     cfg = load_config(_config(tmp_path, replay={"share": 0.25}))
     data = prepare_data(cfg, resolve_data_root(cfg, data_dir))
     n_own = len(data.splits["train"])
     data.fidelities = ["R2SCAN", "PBE", HIGH]
-    graphs = [{K.FIDELITY: torch.tensor([2])}] * n_own + [{K.FIDELITY: torch.tensor([0])}] * 12
-    sampler = _share_sampler(cfg, data, graphs, 1, n_own)
+    graphs = _Graphs([2] * n_own + [0] * 12)  # the user's structures, then 12 replayed at R2SCAN
+    sampler = _train_order(cfg, data, graphs, n_own)
     draws = list(sampler)
     assert len(draws) == len(graphs)
     assert sum(i >= n_own for i in draws) == round(0.25 * len(graphs))

@@ -12,7 +12,7 @@ import torch
 
 from mfmlip import keys as K
 from mfmlip.data.e0 import build_e0_table, composition_matrix
-from mfmlip.data.graph import collate, structure_to_graph
+from mfmlip.data.graph import collate, neighbor_list, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
 from mfmlip.data.store import StoreFrames, chain, fidelity_names, in_memory, take
 from mfmlip.data.structures import DataError, Structure, read_structures
@@ -174,12 +174,11 @@ def subtract_base(structures: list[Structure], base, fidelity: str, batch_size: 
 
 
 def average_neighbors(dataset: GraphDataset) -> float:
-    """Mean number of neighbours per atom in a dataset's graphs (at least 1);
-    one pass, a graph at a time."""
+    """Mean number of neighbours per atom in a dataset's graphs (at least 1); one pass."""
     n_edges = n_atoms = 0
-    for g in dataset.graphs():
-        n_edges += g[K.EDGE_INDEX].shape[1]
-        n_atoms += g[K.POSITIONS].shape[0]
+    for edges, atoms in dataset.neighbor_counts():
+        n_edges += edges
+        n_atoms += atoms
     return max(n_edges / max(n_atoms, 1), 1.0)
 
 
@@ -225,9 +224,13 @@ class GraphDataset(torch.utils.data.Dataset):
     def _graph(self, s: Structure) -> dict:
         return structure_to_graph(s, self.cutoff, fidelity_index(self.fidelities, s.fidelity))
 
-    def graphs(self) -> Iterator[dict]:
-        """Every graph, in order (a sequential pass over a store)."""
-        return iter(self.cache) if self.cache is not None else map(self._graph, self.structures)
+    def neighbor_counts(self) -> Iterator[tuple[int, int]]:
+        """``(edges, atoms)`` of each graph, in order: from the cached graphs, else
+        from the neighbour list alone (a sequential pass over a store)."""
+        if self.cache is not None:
+            return ((g[K.EDGE_INDEX].shape[1], g[K.POSITIONS].shape[0]) for g in self.cache)
+        return ((neighbor_list(s.positions, s.cell, s.pbc, self.cutoff)[0].shape[1], s.n_atoms)
+                for s in self.structures)
 
     def fidelity_indices(self) -> list[int]:
         """(n,) fidelity index of each graph, without building graphs."""
