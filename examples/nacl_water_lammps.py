@@ -43,6 +43,8 @@ TYPES = ("O", "H", "Na", "Cl")
 PAIRS = ("O-O", "O-H")
 RMAX, BINS = 5.9, 118  # as examples/nacl_water_md.py
 NKTV2P = 1.6021765e6  # LAMMPS metal units: bar per eV/Angstrom^3
+# the ASE run's hydrogen-bond peak (r A, g), from the table of docs/nacl_water_md/README.md (not in its summary.json)
+ASE_HYDROGEN_BOND_PEAK = (1.83, 1.39)
 
 
 def write_start(data: Path, path: Path):
@@ -138,7 +140,7 @@ def plot_rdfs(curves: dict, ase_peaks: dict, path: Path) -> Path:
             ax.plot(result.r, result.g[pair], style, label=name, lw=1.2)
         if pair in ase_peaks:
             r, g = ase_peaks[pair]
-            ax.plot([r], [g], "kx", ms=8, label="ASE run (mfmlip md), first peak")
+            ax.plot([r], [g], "kx", ms=8, label="ASE run (docs/nacl_water_md), peak")
         ax.axhline(1.0, color="0.6", lw=0.8, ls="--")
         ax.set_xlabel("r (A)")
         ax.set_ylabel(f"g_{pair}(r)")
@@ -192,10 +194,12 @@ def main() -> None:
     summary["rdf"] = {name: {"O-O_first_peak": r.first_peak("O-O"), "O-H_hydrogen_bond_peak": hydrogen_bond_peak(r),
                              "O-H_minimum_2.2-2.8A": first_minimum_after(r, "O-H", 2.2, 2.8)}
                       for name, r in (("LAMMPS NVT MP2", lammps_rdf), ("MP2 reference boxes", reference))}
-    summary["rdf"]["ASE NVT MP2 (docs/nacl_water_md)"] = {"O-O_first_peak": ase["O-O"]}
+    summary["rdf"]["ASE NVT MP2 (docs/nacl_water_md)"] = {"O-O_first_peak": ase["O-O"],
+                                                          "O-H_hydrogen_bond_peak": ASE_HYDROGEN_BOND_PEAK}
     out.mkdir(parents=True, exist_ok=True)
-    plot_rdfs({"LAMMPS NVT at MP2 (1-10 ps)": (lammps_rdf, "-"), "MP2 reference boxes": (reference, ":")},
-              {"O-O": ase["O-O"]}, out / "rdf.png")
+    label = f"LAMMPS NVT at MP2 ({args.equilibration:g}-{summary['nvt']['duration_ps']:g} ps)"
+    plot_rdfs({label: (lammps_rdf, "-"), "MP2 reference boxes": (reference, ":")},
+              {"O-O": ase["O-O"], "O-H": ASE_HYDROGEN_BOND_PEAK}, out / "rdf.png")
     lammps_rdf.to_csv(out / "rdf_lammps.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
