@@ -159,7 +159,7 @@ def test_a_store_of_another_version_or_unfinished_is_refused(prepared, tmp_path,
             h5.attrs["format"] = "something else"
         else:
             del h5.attrs["complete"]
-    expected = {"version": r"store format version 99, this mfmlip reads version 1", "format": "not an mfmlip store",
+    expected = {"version": r"store format version 99, this mfmlip reads version 2", "format": "not an mfmlip store",
                 "incomplete": "incomplete store"}[change]
     with pytest.raises(StoreError, match=rf"{path}: {expected}"):
         _prepare(stored)

@@ -8,12 +8,11 @@ uses for the same job, is one self-describing file with chunked, resizable
 arrays (written in a stream, read at random), and a truncated file fails to
 open with an error rather than a crash (LMDB's memory map can fault instead).
 
-Layout (per atom: concatenated over frames; per frame: one row each)::
+Layout: two tables of records, so that a range of frames is two reads::
 
-    positions (n_atoms, 3) f8 | atomic_numbers (n_atoms,) i2 | forces (n_atoms, 3) f8
-    n_atoms (n,) i4 | cell (n, 3, 3) f8 | pbc (n, 3) bool | energy (n,) f8 (NaN: missing)
-    has_forces (n,) bool | stress (n, 3, 3) f8 | has_stress (n,) bool
-    fidelity (n,) i4 (index into attrs["fidelities"]) | frame (n,) i8 (frame in the source)
+    atoms (n_atoms,): positions (3,) f8 | atomic_numbers i2 | forces (3,) f8     (concatenated over frames)
+    frames (n,): n_atoms i4 | cell (3, 3) f8 | pbc (3,) bool | energy f8 (NaN: missing) | has_forces bool
+                 | stress (3, 3) f8 | has_stress bool | fidelity i4 (into attrs["fidelities"]) | frame i8
 
 Attributes: ``format`` (:data:`FORMAT`), ``version`` (:data:`VERSION`),
 ``fidelities`` and ``source`` (JSON: the file as the config names it, its size
@@ -35,16 +34,17 @@ import numpy as np
 from mfmlip.data.structures import DataError, Structure
 
 FORMAT = "mfmlip-store"
-VERSION = 1
+VERSION = 2
 SUFFIXES = (".h5", ".hdf5")
 CHUNK = 4096  # frames per write and per read in a sequential pass
+READ_CHUNK = 512  # records per HDF5 chunk: a random read of one frame reads its chunk
+CACHE_BYTES = 64 * 2**20  # HDF5 chunk cache per dataset and process
 
-ATOM_FIELDS = {"positions": ((3,), "f8"), "atomic_numbers": ((), "i2"), "forces": ((3,), "f8")}
-FRAME_FIELDS = {
-    "n_atoms": ((), "i4"), "cell": ((3, 3), "f8"), "pbc": ((3,), "bool"), "energy": ((), "f8"),
-    "has_forces": ((), "bool"), "stress": ((3, 3), "f8"), "has_stress": ((), "bool"),
-    "fidelity": ((), "i4"), "frame": ((), "i8"),
-}
+ATOM = np.dtype([("positions", "f8", (3,)), ("atomic_numbers", "i2"), ("forces", "f8", (3,))])
+FRAME = np.dtype([("n_atoms", "i4"), ("cell", "f8", (3, 3)), ("pbc", "?", (3,)), ("energy", "f8"),
+                  ("has_forces", "?"), ("stress", "f8", (3, 3)), ("has_stress", "?"), ("fidelity", "i4"),
+                  ("frame", "i8")])
+TABLES = {"atoms": ATOM, "frames": FRAME}
 
 
 class StoreError(DataError):
@@ -85,9 +85,8 @@ class StoreWriter:
         self.h5 = h5py.File(self.tmp, "w")
         self.source, self.fidelities, self.buffer = source, [], []
         self.n_frames = 0
-        for name, (shape, dtype) in {**ATOM_FIELDS, **FRAME_FIELDS}.items():
-            self.h5.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
-                                   chunks=(CHUNK, *shape))
+        for name, dtype in TABLES.items():
+            self.h5.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(READ_CHUNK,))
 
     def add(self, structure: Structure) -> None:
         """Append one structure (written when the buffer holds :data:`CHUNK`)."""
@@ -104,20 +103,22 @@ class StoreWriter:
         frames = self.buffer
         if not frames:
             return
-        columns = {
-            "positions": np.concatenate([s.positions for s in frames]),
-            "atomic_numbers": np.concatenate([s.atomic_numbers for s in frames]),
-            "forces": np.concatenate([s.forces if s.forces is not None else np.zeros((s.n_atoms, 3))
-                                      for s in frames]),
+        atoms = np.zeros(sum(s.n_atoms for s in frames), ATOM)
+        atoms["positions"] = np.concatenate([s.positions for s in frames])
+        atoms["atomic_numbers"] = np.concatenate([s.atomic_numbers for s in frames])
+        atoms["forces"] = np.concatenate([s.forces if s.forces is not None else np.zeros((s.n_atoms, 3))
+                                          for s in frames])
+        rows = np.zeros(len(frames), FRAME)
+        for name, values in {
             "n_atoms": [s.n_atoms for s in frames], "cell": [s.cell for s in frames],
             "pbc": [s.pbc for s in frames], "energy": [s.energy for s in frames],
             "has_forces": [s.forces is not None for s in frames],
             "stress": [s.stress if s.stress is not None else np.zeros((3, 3)) for s in frames],
             "has_stress": [s.stress is not None for s in frames],
             "fidelity": [self._code(s.fidelity) for s in frames], "frame": [s.frame for s in frames],
-        }
-        for name, values in columns.items():
-            values = np.asarray(values)
+        }.items():
+            rows[name] = values
+        for name, values in (("atoms", atoms), ("frames", rows)):
             ds = self.h5[name]
             start = ds.shape[0]
             ds.resize(start + len(values), axis=0)
@@ -181,20 +182,20 @@ class Store:
         self.n_frames = int(attrs["n_frames"])
         self.fidelities = json.loads(attrs["fidelities"])
         self.source = json.loads(attrs["source"])
-        self.n_atoms = h5["n_atoms"][:].astype(np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.n_atoms)])
-        lengths = {name: h5[name].shape[0] for name in {**ATOM_FIELDS, **FRAME_FIELDS}}
-        want = {name: self.offsets[-1] if name in ATOM_FIELDS else self.n_frames for name in lengths}
-        if lengths != want:
-            raise StoreError(f"{self.path}: truncated store: array lengths {lengths}, expected {want}; {again}")
-        self.codes = h5["fidelity"][:]
+        lengths = {name: h5[name].shape[0] if name in h5 else 0 for name in TABLES}
+        if lengths["frames"] != self.n_frames:
+            raise StoreError(f"{self.path}: truncated store: {lengths['frames']} of {self.n_frames} frames; {again}")
+        self.offsets = np.concatenate([[0], np.cumsum(h5["frames"].fields("n_atoms")[:], dtype=np.int64)])
+        if lengths["atoms"] != self.offsets[-1]:
+            raise StoreError(f"{self.path}: truncated store: {lengths['atoms']} of {self.offsets[-1]} atoms; {again}")
+        self.codes = h5["frames"].fields("fidelity")[:]
 
     def _file(self):
         import h5py
 
         if self._h5 is None or self._pid != os.getpid():
             try:
-                self._h5, self._pid = h5py.File(self.path, "r"), os.getpid()
+                self._h5, self._pid = h5py.File(self.path, "r", rdcc_nbytes=CACHE_BYTES), os.getpid()
             except FileNotFoundError:
                 raise StoreError(f"{self.path}: store not found") from None
             except OSError as err:
@@ -216,8 +217,8 @@ class Store:
         """Frames ``lo`` to ``hi - 1``, read with one access per array."""
         h5 = self._file()
         a, b = self.offsets[lo], self.offsets[hi]
-        atoms = {name: h5[name][a:b] for name in ATOM_FIELDS}
-        rows = {name: h5[name][lo:hi] for name in FRAME_FIELDS}
+        atoms, rows = h5["atoms"][a:b], h5["frames"][lo:hi]
+        atoms = {name: np.ascontiguousarray(atoms[name]) for name in ATOM.names}  # columns, not records
         out = []
         for k in range(hi - lo):
             s, e = self.offsets[lo + k] - a, self.offsets[lo + k + 1] - a
@@ -280,7 +281,7 @@ class StoreFrames(Sequence):
     @property
     def frames(self) -> np.ndarray:
         """(n,) frame number in the source file of each item."""
-        return self.store._file()["frame"][:][self.indices]
+        return self.store._file()["frames"].fields("frame")[:][self.indices]
 
     def fidelity_names(self) -> list[str]:
         return self.store.fidelity_names(self.indices)
