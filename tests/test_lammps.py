@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
 from ase.io import read
 from ase.io.lammpsdata import write_lammps_data
 

@@ -27,7 +27,7 @@ import yaml
 from conftest import predict
 from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate
-from mfmlip.data.graph import collate, structure_to_graph
+from mfmlip.data.graph import collate
 from mfmlip.data.structures import structure_from_atoms
 from mfmlip.training.data import GraphDataset
 from mfmlip.model import MFPotential, ModelSpec

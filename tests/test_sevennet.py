@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms
 from ase.build import molecule
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mfmlip import keys as K
-from mfmlip.data.e0 import build_e0_table, composition_matrix
+from mfmlip.data.e0 import build_e0_table
 from mfmlip.data.graph import collate, neighbor_list, structure_to_graph
 from mfmlip.data.selection import SPLITS, filter_structures, read_split_file, split_indices
 from mfmlip.data.store import StoreFrames, chain, fidelity_names, in_memory, take

@@ -118,9 +118,9 @@ class RankShard(torch.utils.data.Sampler):
         return -(-n // step) * step if self.pad and self.world > 1 else n
 
     def __iter__(self):
+        if self.world == 1:  # the whole order, as the sampler yields it
+            return iter(self.sampler)
         order = list(self.sampler)
-        if self.world == 1:
-            return iter(order)
         need = self._global_length()
         while len(order) < need:
             order += order[: need - len(order)]
