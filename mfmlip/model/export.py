@@ -32,7 +32,6 @@ full neighbour list with ghost atoms mapped to shifts); the file's
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from mfmlip import keys as K
 from mfmlip.data.graph import atoms_to_batch
+from mfmlip.model.compiled import traceable
 from mfmlip.model.inference import resolve_model
 from mfmlip.model.interface import Potential
 from mfmlip.model.virial import energy_forces_virials
@@ -68,22 +68,6 @@ class FixedFidelity(torch.nn.Module):
         out = energy_forces_virials(self.model, batch)
         stress = -out["virial"][0] / torch.linalg.det(cell).abs()
         return out[K.ENERGY][0], out[K.FORCES], stress, out[K.ATOMIC_ENERGY], out["atomic_virial"]
-
-
-@contextlib.contextmanager
-def _traceable(model: Potential):
-    """No data-dependent checks (unknown elements) and no duck-shaped sizes while tracing."""
-    potentials = [m for m in model.modules() if isinstance(m, Potential)]
-    duck = torch.fx.experimental._config.use_duck_shape
-    torch.fx.experimental._config.use_duck_shape = False  # n_atoms == 3 must not fix a dimension
-    for m in potentials:
-        m.check_species = False
-    try:
-        yield
-    finally:
-        torch.fx.experimental._config.use_duck_shape = duck
-        for m in potentials:
-            m.check_species = True
 
 
 def example_inputs(model: Potential, device="cpu") -> tuple:
@@ -126,7 +110,7 @@ def export_model(model, fidelity: str | None, path: str | Path, device: str | to
     model = resolve_model(model, device, dtype or "float64")
     module = FixedFidelity(model, fidelity).eval()
     inputs = example_inputs(model, device)
-    with _traceable(model):
+    with traceable(model):
         graph = make_fx(module, tracing_mode="symbolic", _allow_non_fake_inputs=True,
                         _error_on_data_dependent_ops=True)(*[x.clone() for x in inputs])
         atoms, edges = torch.export.Dim("n_atoms", min=1), torch.export.Dim("n_edges", min=1)

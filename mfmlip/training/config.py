@@ -157,6 +157,9 @@ class TrainingConfig(StrictModel):
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     gradient_clip: Optional[PositiveFloat] = 10.0
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    # training steps through one torch.compile'd graph of energy and forces (mfmlip.model.compiled):
+    # minutes to compile, then faster steps; for runs of many steps (docs/benchmarks/compile.md)
+    compile: bool = False
     init_from: Optional[str] = None  # model file, or a universal model such as sevenn:7net-mf-0
     new_fidelity_like: Optional[str] = None  # init_from's fidelity that a new fidelity starts as a copy of
     replay: Optional[ReplayConfig] = None  # with init_from: replay structures labelled by the original model

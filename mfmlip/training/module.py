@@ -8,6 +8,7 @@ import torch
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
+from mfmlip.model.compiled import CompiledPotential
 from mfmlip.model.interface import Potential
 from mfmlip.training.config import TrainingConfig
 from mfmlip.training.loss import MaskedLoss
@@ -33,11 +34,16 @@ class MFLightningModule(L.LightningModule):
         self._val_metrics = None
         self.train_structures = []  # set by the run: its training split, to name structures in errors
         self.skipped_batches = 0
+        # training.compile: training steps through one compiled graph (validation stays eager)
+        self.compiled = CompiledPotential(model, self.loss_fn.needs_stress) if training.compile else None
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return to_device(batch, self.device, self.model.dtype)
 
     def _step(self, batch):
+        if self.compiled is not None and self.training:
+            pred = self.compiled(batch)  # forces (and stress) always: one graph for every batch
+            return (pred, *self.loss_fn(pred, batch))
         # derivatives only for labels present in this batch (energy-only levels skip them)
         forces = self.loss_fn.needs_forces and bool(batch[K.FORCES_MASK].any())
         stress = self.loss_fn.needs_stress and bool(batch[K.STRESS_MASK].any())

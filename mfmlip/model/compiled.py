@@ -1,0 +1,112 @@
+"""A potential's energy, forces and stress as one compiled graph (``training.compile``).
+
+Force training differentiates the forces once more (a double backward), and
+a ``torch.compile`` region cannot be differentiated twice. So, as
+:mod:`mfmlip.model.export` does for a file, the energy and its derivatives are
+first unrolled by ``make_fx`` into one graph of ATen operations: a pure
+function of the weights and the batch. The loss's backward is then a single
+backward through that graph, and ``torch.compile`` (Inductor) compiles and
+fuses both (the route NequIP's ``compile_mode`` takes).
+
+One correction makes the unrolled graph exact: autograd saves the outputs of
+``sigmoid``, ``tanh`` and the like *detached* for their backward, and
+``make_fx`` records that ``detach``; left in, the second derivative through
+the gates would treat those outputs as constants (0.2 % wrong weight
+gradients in float64). :func:`_drop_detach` removes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.func import functional_call
+
+from mfmlip import keys as K
+from mfmlip.model.interface import Potential
+
+INPUTS = (K.POSITIONS, K.CELL, K.ATOMIC_NUMBERS, K.EDGE_INDEX, K.SHIFTS, K.BATCH, K.FIDELITY, K.N_ATOMS, K.PBC)
+
+
+@contextlib.contextmanager
+def traceable(model: Potential):
+    """No data-dependent checks (unknown elements) and no duck-shaped sizes while tracing."""
+    potentials = [m for m in model.modules() if isinstance(m, Potential)]
+    duck = torch.fx.experimental._config.use_duck_shape
+    torch.fx.experimental._config.use_duck_shape = False  # n_atoms == 3 must not fix a dimension
+    for m in potentials:
+        m.check_species = False
+    try:
+        yield
+    finally:
+        torch.fx.experimental._config.use_duck_shape = duck
+        for m in potentials:
+            m.check_species = True
+
+
+def _drop_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``graph`` with every ``aten.detach`` replaced by its input (module docstring)."""
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target == torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
+
+
+class CompiledPotential:
+    """``model(batch, compute_forces=True, compute_stress=...)`` for training, compiled.
+
+    The first call traces the model on its batch (sizes symbolic, so batches
+    of other numbers of structures, atoms and edges reuse the graph; a batch
+    of one structure, atom or edge runs eagerly, as a trace fixes such sizes) and
+    compiles it; that costs minutes on a CPU (the main job: ~0.5 min trace,
+    ~3 min compile on one core) and pays back over many steps
+    (docs/benchmarks/compile.md). Weights and buffers are read from ``model``
+    at every call, so optimiser steps and loaded checkpoints are seen.
+
+    Parameters
+    ----------
+    model : an :class:`~mfmlip.model.interface.Potential` in training mode
+        (its forces keep their graph for the force loss).
+    compute_stress : trace the stress too.
+    backend : ``torch.compile`` backend (``"inductor"`` fuses), or None to run
+        the unrolled graph as it is.
+
+    Returns (when called with a batch of :mod:`mfmlip.keys` tensors)
+    -------
+    ``{"energy": (n_graphs,) eV, "forces": (n_atoms, 3) eV/A}`` and
+    ``"stress": (n_graphs, 3, 3) eV/A^3`` if ``compute_stress``; equal to the
+    eager model's to float round-off, derivatives with respect to the weights
+    included.
+    """
+
+    def __init__(self, model: Potential, compute_stress: bool = False, backend: str | None = "inductor"):
+        self.model, self.compute_stress, self.backend = model, compute_stress, backend
+        self.outputs = (K.ENERGY, K.FORCES) + ((K.STRESS,) if compute_stress else ())
+        self._graph = None
+
+    def _function(self, weights, *tensors):
+        out = functional_call(self.model, weights, (dict(zip(INPUTS, tensors)),),
+                              {"compute_forces": True, "compute_stress": self.compute_stress})
+        return tuple(out[k] for k in self.outputs)
+
+    def _trace(self, weights: dict, tensors: list) -> None:
+        frozen = {k: v.detach() for k, v in weights.items()}
+        with traceable(self.model):
+            graph = make_fx(self._function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
+        graph = _drop_detach(graph)
+        self._graph = graph if self.backend is None else torch.compile(graph, backend=self.backend, dynamic=True)
+
+    def __call__(self, batch: dict) -> dict:
+        sizes = (batch[K.N_ATOMS].shape[0], batch[K.POSITIONS].shape[0], batch[K.EDGE_INDEX].shape[1])
+        if min(sizes) < 2:  # a trace fixes sizes 0 and 1: such batches (rare, small) run eagerly
+            out = self.model(batch, compute_forces=True, compute_stress=self.compute_stress)
+            return {k: out[k] for k in self.outputs}
+        weights = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        tensors = [batch[k] for k in INPUTS]
+        if self._graph is None:
+            self._trace(weights, tensors)
+        out = self._graph(weights, *tensors)
+        return dict(zip(self.outputs, out))
