@@ -5,12 +5,17 @@ trained with it logs the losses and ends with the weights of an eager run."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from mfmlip import keys as K
 from mfmlip.data.graph import atoms_to_batch, collate
+from mfmlip.model import DeltaPotential
 from mfmlip.model.compiled import CompiledPotential
+from mfmlip.training.config import ConfigError, TrainingConfig
+from mfmlip.training.module import MFLightningModule
 from mfmlip.training.run import read_metrics, train
 from tests.conftest import rattled_si
 
@@ -67,3 +72,11 @@ def test_a_compiled_run_trains_the_eager_run(tmp_path, data_dir):
     weights = {flag: torch.load(path, weights_only=False)["state_dict"] for flag, path in runs.items()}
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_what_compile_cannot_do_is_refused(make_model):
+    with pytest.raises(ValidationError, match="compile needs batch_size >= 2"):
+        TrainingConfig(batch_size=1, compile=True)
+    delta = DeltaPotential(make_model(), "PBE", make_model(seed=1))
+    with pytest.raises(ConfigError, match="mfmlip's own models only"):
+        MFLightningModule(delta, TrainingConfig(compile=True), [[1.0, 1.0, 0.0]] * 2)

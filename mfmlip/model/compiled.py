@@ -18,6 +18,7 @@ gradients in float64). :func:`_drop_detach` removes them.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -86,6 +87,7 @@ class CompiledPotential:
         self.model, self.compute_stress, self.backend = model, compute_stress, backend
         self.outputs = (K.ENERGY, K.FORCES) + ((K.STRESS,) if compute_stress else ())
         self._graph = None
+        self.trace_seconds = 0.0  # of the make_fx trace (the compile happens in the first call after it)
 
     def _function(self, weights, *tensors):
         out = functional_call(self.model, weights, (dict(zip(INPUTS, tensors)),),
@@ -93,10 +95,11 @@ class CompiledPotential:
         return tuple(out[k] for k in self.outputs)
 
     def _trace(self, weights: dict, tensors: list) -> None:
-        frozen = {k: v.detach() for k, v in weights.items()}
+        start, frozen = time.perf_counter(), {k: v.detach() for k, v in weights.items()}
         with traceable(self.model):
             graph = make_fx(self._function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
         graph = _drop_detach(graph)
+        self.trace_seconds = time.perf_counter() - start
         self._graph = graph if self.backend is None else torch.compile(graph, backend=self.backend, dynamic=True)
 
     def __call__(self, batch: dict) -> dict:

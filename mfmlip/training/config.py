@@ -189,6 +189,13 @@ class TrainingConfig(StrictModel):
         total = sum(v.values())
         return {k: s / total for k, s in v.items()}
 
+    @field_validator("compile")
+    @classmethod
+    def _batches_to_compile(cls, v, info):
+        if v and info.data.get("batch_size", 2) < 2:
+            raise ValueError("compile needs batch_size >= 2 (batches of one structure run eagerly)")
+        return v
+
     @field_validator("monitor")
     @classmethod
     def _known_monitor(cls, v):

@@ -10,7 +10,8 @@ from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
 from mfmlip.model.compiled import CompiledPotential
 from mfmlip.model.interface import Potential
-from mfmlip.training.config import TrainingConfig
+from mfmlip.model.potential import MFPotential
+from mfmlip.training.config import ConfigError, TrainingConfig
 from mfmlip.training.loss import MaskedLoss
 
 
@@ -35,7 +36,11 @@ class MFLightningModule(L.LightningModule):
         self.train_structures = []  # set by the run: its training split, to name structures in errors
         self.skipped_batches = 0
         # training.compile: training steps through one compiled graph (validation stays eager)
-        self.compiled = CompiledPotential(model, self.loss_fn.needs_stress) if training.compile else None
+        self.compiled = None
+        if training.compile:
+            if not isinstance(model, MFPotential):
+                raise ConfigError(f"training.compile: mfmlip's own models only, not {type(model).__name__}")
+            self.compiled = CompiledPotential(model, self.loss_fn.needs_stress)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return to_device(batch, self.device, self.model.dtype)
