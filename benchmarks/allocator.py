@@ -13,6 +13,9 @@ job's 32-channel model, forward + force double backward + Adam step):
 * ``mallopt``: glibc tuned in-process by :func:`mfmlip.cli.allocator.tune_glibc_malloc`;
 * ``tcmalloc``: ``LD_PRELOAD`` of the system's tcmalloc, when installed.
 
+With ``--compile`` the steps go through ``training.compile``'s graph
+(:class:`mfmlip.model.compiled.CompiledPotential`) instead of the eager model.
+
 Reported per variant: ms per step (min and median over repeats), minor page
 faults per step, user and system CPU ms per step.
 """
@@ -45,8 +48,13 @@ model = MFPotential(spec)
 batch = Predictor(model, "GFN2-xTB").batch([structure_from_atoms(a) for a in frames])
 model.train()
 opt = torch.optim.Adam(model.parameters(), 1e-3)
+if sys.argv[5] == "compile":
+    from mfmlip.model.compiled import CompiledPotential
+    predict = CompiledPotential(model)
+else:
+    predict = lambda b: model(b, compute_forces=True)
 def step():
-    out = model(batch, compute_forces=True)
+    out = predict(batch)
     loss = 1e-4 * out["energy"].pow(2).mean() + (out["forces"] - batch["forces"]).pow(2).mean()
     opt.zero_grad(); loss.backward(); opt.step()
 for _ in range(5):
@@ -80,13 +88,17 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
                                               / "shared/data/malonaldehyde/GFN2-xTB.extxyz"))
+    parser.add_argument("--compile", action="store_true",
+                        help="steps through training.compile's compiled graph (the first process compiles; "
+                             "the others reuse Inductor's cache)")
     parser.add_argument("-o", "--output", help="JSON file for the results")
     args = parser.parse_args(argv)
     runs = {name: [] for name in _variants()}
     for _ in range(args.repeats):
         for name, env in _variants().items():
             mode = "mallopt" if name == "mallopt" else "plain"
-            cmd = [sys.executable, "-c", WORKER, mode, str(args.steps), str(args.threads), args.data]
+            cmd = [sys.executable, "-c", WORKER, mode, str(args.steps), str(args.threads), args.data,
+                   "compile" if args.compile else "eager"]
             done = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": str(args.threads)},
                                   capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
