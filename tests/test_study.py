@@ -170,3 +170,16 @@ def test_narrow_region_holds_the_share_or_n():
     assert narrow_bounds(scores, 5, 0.2) == [(None, 19.5)]  # 20 lowest PC1 scores
     assert narrow_bounds(scores, 50, 0.2) == [(None, 49.5)]  # grows to hold n
     assert narrow_bounds(scores, 100, 0.2)[0][1] == np.inf
+
+
+def test_an_equal_wall_time_budget_gives_each_stage_of_a_two_stage_method_half(tmp_path, data_dir):
+    path = tiny_study(tmp_path, training={"max_time_minutes": 10.0, "decay_over": "time",
+                                          "monitor": "val_energy_mae/CCSD(T)/CBS"})
+    plan = plan_study(load_study(path).reduced(), data_dir, CachedReader())
+    budget = {r.method: (r.config.training.max_time_minutes, r.config.training.max_steps, r.config.training.monitor)
+              for r in plan.runs}
+    assert budget["heads"] == (10.0, 6, "val_energy_mae/CCSD(T)/CBS")
+    assert budget["single_fidelity"][:2] == (10.0, 6)
+    for method in ("transfer", "delta"):
+        assert budget[method] == (5.0, 3, "val_energy_mae/CCSD(T)/CBS")
+    assert budget["low"] == (5.0, 3, "val_loss")  # the low-level run has no CCSD(T) to monitor

@@ -233,3 +233,26 @@ def test_checkpoint_io_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_decay_over_time_ends_the_cosine_with_the_time_budget(tmp_path, data_dir):
+    cfg = {"seed": 0, "output_dir": str(tmp_path / "run"),
+           "data": {"root": str(data_dir), "files": [
+               {"path": "ethanol/PBE_train.extxyz", "index": "0:40", "split": {"train": None, "val": 8}}]},
+           "model": {"cutoff": 4.0, "channels": 4, "lmax": 1, "num_layers": 1},
+           "training": {"batch_size": 8, "max_epochs": 100000, "max_time_minutes": 0.05, "decay_over": "time",
+                        "lr": 0.01, "min_lr_ratio": 0.01, "patience": 100000}}
+    assert main(["train", str(write_config(tmp_path / "config.yaml", cfg))]) == 0
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    lr = last["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert last["global_step"] > 5  # many steps, while a step schedule over 100000 epochs would not have moved
+    assert 0.01 * 0.01 <= lr < 0.01 * 0.1  # the end of the cosine: the time budget is spent
+
+
+def test_decay_over_time_needs_a_time_budget():
+    from pydantic import ValidationError
+
+    from mfmlip.training.config import TrainingConfig
+
+    with pytest.raises(ValidationError, match="decay_over: time needs max_time_minutes"):
+        TrainingConfig(decay_over="time")

@@ -101,7 +101,11 @@ class Quick(StrictModel):
 class StudyConfig(StrictModel):
     """``training.max_steps`` is the budget of every run: the same number of
     optimiser steps per grid cell; ``transfer`` and ``delta`` spend half on
-    the low-level model (trained once per seed) and half on the high level."""
+    the low-level model (trained once per seed) and half on the high level.
+    With ``training.max_time_minutes`` the budget is also wall time, split
+    the same way (equal wall time per cell: set ``max_steps`` high enough not
+    to bind, and ``decay_over: time`` so that each run's learning rate decays
+    over its own minutes)."""
 
     name: str
     output_dir: Optional[str] = None  # default runs/studies/<name>

@@ -147,12 +147,11 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     levels = (low_fidelities, high_fidelity)
 
     runs = []
-    steps = cfg.training.max_steps
     for seed in cfg.grid.seeds:
         low_name = f"{LOW}/seed{seed}"
         if {TRANSFER, DELTA} & set(cfg.grid.methods) or set(cfg.grid.selections) - {"random"}:
             runs.append(Run(low_name, LOW, None, seed, 0, _config(
-                cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, steps // 2, root,
+                cfg, out / "runs" / low_name, low_entries, cfg.options.low_scheme, seed, 0.5, root,
                 low_fidelities)))
         order = np.random.default_rng(seed).permutation(pool)
         for selection in cfg.grid.selections:
@@ -184,8 +183,8 @@ def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries
     runs = []
     for method in cfg.grid.methods:
         name = f"{method}/{tag}"
-        config = _method_run(cfg, method, out / "runs" / name, high_entry, low_entries, seed, cfg.training.max_steps,
-                             root, base_fidelity, low_name, levels)
+        config = _method_run(cfg, method, out / "runs" / name, high_entry, low_entries, seed, root, base_fidelity,
+                             low_name, levels)
         from_low = method != FOUNDATION and (config.training.init_from or config.training.delta_from)
         starts_from_low = from_low or choose  # a DIRECT or narrow pick encodes with the low-level model
         runs.append(Run(name, method, fraction, seed, n, config, low_name if starts_from_low else None,
@@ -193,33 +192,43 @@ def _fraction_runs(cfg, out, selection, fraction, seed, order, test, low_entries
     return runs
 
 
-def _method_run(cfg, method, folder, high_entry, low_entries, seed, steps, root, base_fidelity, low_name, levels):
-    """The config of one run; ``levels`` is (low fidelities, high fidelity)."""
+def _method_run(cfg, method, folder, high_entry, low_entries, seed, root, base_fidelity, low_name, levels):
+    """The config of one run; ``levels`` is (low fidelities, high fidelity). The
+    two-stage methods' second stage (and the low-level run they start from)
+    get half the budget each."""
     low_model = str(cfg.results_dir().resolve() / "runs" / low_name / "model.pt")
     high = [levels[1]]
     if method == SINGLE:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps, root, high)
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, 1.0, root, high)
     if method == TRANSFER:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root, high,
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, 0.5, root, high,
                        init_from=low_model, new_fidelity_like=base_fidelity, freeze=cfg.options.transfer_freeze)
     if method == DELTA:
-        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, steps // 2, root, high,
+        return _config(cfg, folder, [high_entry], cfg.model.fidelity_scheme, seed, 0.5, root, high,
                        delta_from=low_model, delta_fidelity=base_fidelity)
     if method == FOUNDATION:
         o = cfg.options
-        return _config(cfg, folder, [*low_entries, high_entry], cfg.model.fidelity_scheme, seed, steps, root,
+        return _config(cfg, folder, [*low_entries, high_entry], cfg.model.fidelity_scheme, seed, 1.0, root,
                        [*levels[0], *high], init_from=o.foundation, new_fidelity_like=o.foundation_like,
                        freeze=o.foundation_freeze, replay=o.foundation_replay)
-    return _config(cfg, folder, [*low_entries, high_entry], method, seed, steps, root, [*levels[0], *high])
+    return _config(cfg, folder, [*low_entries, high_entry], method, seed, 1.0, root, [*levels[0], *high])
 
 
-def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, steps: int, root: Path,
+def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, share: float, root: Path,
             fidelities: list[str], **training) -> Config:
     """One run's training config, written to ``folder/config.yaml`` unless the
     folder holds a started run (whose stored config its resume compares with).
-    ``fidelities`` are the run's data's: ``fidelity_weights`` keeps only those."""
+    ``share`` of the budget (``training.max_steps``, and ``max_time_minutes``
+    if set). ``fidelities`` are the run's data's: ``fidelity_weights`` keeps
+    only those, and a ``monitor`` of another fidelity becomes ``val_loss``."""
     t = cfg.training
     weights = {name: w for name, w in t.fidelity_weights.items() if name in fidelities}
+    steps = max(1, int(t.max_steps * share))
+    budget = {"max_steps": steps}
+    if t.max_time_minutes:
+        budget["max_time_minutes"] = t.max_time_minutes * share
+    if t.monitor != "val_loss" and t.monitor.split("/", 1)[1] not in fidelities:
+        budget["monitor"] = "val_loss"
     run = Config(
         seed=seed,
         output_dir=str(folder),
@@ -227,7 +236,7 @@ def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, steps
               "allow_missing_labels": cfg.data.allow_missing_labels, "files": files},
         model=cfg.model.model_copy(update={"fidelity_scheme": scheme}),
         training=t.model_copy(update={
-            "max_steps": max(1, steps), "max_epochs": MAX_EPOCHS,
+            **budget, "max_epochs": MAX_EPOCHS,
             "val_interval_steps": t.val_interval_steps or max(1, steps // 20), "fidelity_weights": weights,
             **training,
         }),

@@ -144,6 +144,9 @@ class TrainingConfig(StrictModel):
     max_epochs: PositiveInt = 100
     max_steps: Optional[PositiveInt] = None  # optimiser steps; the cosine decay then runs over steps
     max_time_minutes: Optional[PositiveFloat] = None
+    # what the cosine decay of the learning rate runs over: max_steps (else max_epochs), or
+    # "time": the elapsed share of max_time_minutes (equal-wall-time comparisons, mfmlip study)
+    decay_over: Literal["steps", "time"] = "steps"
     val_interval_steps: Optional[PositiveInt] = None  # validate every N steps instead of every epoch
     lr: PositiveFloat = 5e-3
     min_lr_ratio: NonNegativeFloat = 0.01
@@ -188,6 +191,13 @@ class TrainingConfig(StrictModel):
     def _normalised(cls, v):
         total = sum(v.values())
         return {k: s / total for k, s in v.items()}
+
+    @field_validator("decay_over")
+    @classmethod
+    def _time_to_decay_over(cls, v, info):
+        if v == "time" and not info.data.get("max_time_minutes"):
+            raise ValueError("decay_over: time needs max_time_minutes")
+        return v
 
     @field_validator("compile")
     @classmethod

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 
 from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
@@ -13,6 +16,11 @@ from mfmlip.model.interface import Potential
 from mfmlip.model.potential import MFPotential
 from mfmlip.training.config import ConfigError, TrainingConfig
 from mfmlip.training.loss import MaskedLoss
+
+
+def time_cosine(share: float, min_ratio: float) -> float:
+    """Learning-rate factor ``min_ratio + (1 - min_ratio) (1 + cos(pi share)) / 2`` at ``share`` of the budget."""
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * share))
 
 
 class MFLightningModule(L.LightningModule):
@@ -128,10 +136,18 @@ class MFLightningModule(L.LightningModule):
                 if f"{q}_mae" in m:
                     self.log(f"val_{q}_mae/{fid}", m[f"{q}_mae"], prog_bar=False, sync_dist=several)
 
+    def _time_share(self) -> float:
+        """Elapsed share of ``max_time_minutes`` (Lightning's Timer; restored on resume)."""
+        timer = next(c for c in self.trainer.callbacks if isinstance(c, Timer))
+        return min(1.0, timer.time_elapsed("train") / (60.0 * self.training_config.max_time_minutes))
+
     def configure_optimizers(self):
         t = self.training_config
         cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
         opt = cls(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if t.decay_over == "time":  # cosine over the elapsed share of max_time_minutes, set every step
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: time_cosine(self._time_share(), t.min_lr_ratio))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt, T_max=t.max_steps or t.max_epochs, eta_min=t.lr * t.min_lr_ratio
         )
