@@ -9,6 +9,11 @@
 * each run's test metrics and wall times, from its run directory and log.
 
 Run after the fine-tuning runs: OMP_NUM_THREADS=1 python benchmarks/foundation_finetune.py
+The equal-wall-time runs of docs/foundation (four NaCl-water levels, from-scratch references):
+OMP_NUM_THREADS=1 python benchmarks/foundation_finetune.py --runs /work/bg15/runs \
+    --logs "/work/bg15/{name}.log" --summarise nacl_water_scratch nacl_water_4levels \
+    nacl_water_4levels_replay malon_main malon_ft \
+    --forgetting nacl_water_4levels nacl_water_4levels_replay --no-start -o docs/foundation/finetune_4levels.json
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ from mfmlip.training.run import _init_from_model, read_metrics
 
 CONFIGS = {"malonaldehyde": "examples/foundation/malonaldehyde.yaml",
            "nacl_water": "examples/foundation/nacl_water.yaml",
-           "nacl_water_replay": "examples/foundation/nacl_water_replay.yaml"}
+           "nacl_water_replay": "examples/foundation/nacl_water_replay.yaml",
+           "nacl_water_4levels": "examples/foundation/nacl_water_4levels.yaml",
+           "nacl_water_4levels_replay": "examples/foundation/nacl_water_4levels_replay.yaml"}
 FORGETTING_RUNS = ("nacl_water", "nacl_water_replay")
+SCRATCH = "examples/nacl_water.yaml"  # the from-scratch model whose MP2 test boxes all NaCl-water runs share
 ORIGINAL = "sevenn:7net-mf-0"
 
 
@@ -61,13 +69,24 @@ def start_scores(root: Path) -> dict:
     return out
 
 
-def forgetting(root: Path, runs: Path, n_boxes: int, n_si: int) -> dict:
+def same_test_boxes(root: Path, names: list[str]) -> dict:
+    """Whether each NaCl-water config's test split holds the positions of the from-scratch one's."""
+    def positions(config):
+        cfg = load_config(config)
+        return [s.positions for s in prepare_data(cfg, resolve_data_root(cfg, root)).splits["test"]]
+
+    ref = positions(SCRATCH)
+    return {name: all(np.array_equal(a, b) for a, b in zip(positions(CONFIGS[name]), ref, strict=True))
+            for name in names}
+
+
+def forgetting(root: Path, runs: Path, n_boxes: int, n_si: int, names: list[str]) -> dict:
     cfg = load_config(CONFIGS["nacl_water"])
     data = prepare_data(cfg, resolve_data_root(cfg, root))
     held = {"nacl_water MP2 test boxes": data.splits["test"][:n_boxes],
             "silicon PBE test cells": read_structures(root / "silicon/PBE_test.extxyz", f":{n_si}")}
     original = resolve_model(ORIGINAL)
-    models = {name: resolve_model(runs / name / "model.pt") for name in FORGETTING_RUNS
+    models = {name: resolve_model(runs / name / "model.pt") for name in names
               if (runs / name / "model.pt").is_file()}
     out = {}
     for group, structures in held.items():
@@ -82,13 +101,13 @@ def forgetting(root: Path, runs: Path, n_boxes: int, n_si: int) -> dict:
     return out
 
 
-def run_summary(runs: Path) -> dict:
-    """Test metrics, training steps and total time of each run."""
+def run_summary(runs: Path, names: list[str], logs: str) -> dict:
+    """Test metrics, training steps and total time of each run (``logs``: its log, with ``{name}``)."""
     out = {}
-    for name in CONFIGS:
+    for name in names:
         folder = runs / name
         metrics = folder / "test_metrics.json"
-        log = Path(f"/work/bg/foundation_{name}.log")
+        log = Path(logs.format(name=name))
         text = log.read_text() if log.is_file() else ""
         total = re.findall(r"total time (\d+) s", text)
         replay = re.findall(r"replay: .* in (\d+) s", text)
@@ -111,13 +130,20 @@ def main() -> None:
     parser.add_argument("--runs", default="runs/foundation")
     parser.add_argument("--boxes", type=int, default=4)
     parser.add_argument("--si", type=int, default=3)
+    parser.add_argument("--logs", default="/work/bg/foundation_{name}.log", help="each run's log, with {name}")
+    parser.add_argument("--summarise", nargs="+", default=list(CONFIGS), help="run folders to summarise")
+    parser.add_argument("--forgetting", nargs="+", default=list(FORGETTING_RUNS), help="runs scored for forgetting")
+    parser.add_argument("--no-start", action="store_true", help="skip the scores before training")
     parser.add_argument("-o", "--output", default="docs/foundation/finetune.json")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     root, runs = Path(args.data_root), Path(args.runs)
-    results = {"load_average_at_start": os.getloadavg()[0], "runs": run_summary(runs),
-               "forgetting_vs_original": forgetting(root, runs, args.boxes, args.si),
-               "before_training": start_scores(root), "load_average_at_end": os.getloadavg()[0]}
+    results = {"load_average_at_start": os.getloadavg()[0], "runs": run_summary(runs, args.summarise, args.logs),
+               "same_test_boxes_as_" + SCRATCH: same_test_boxes(root, [n for n in CONFIGS if n.startswith("nacl")]),
+               "forgetting_vs_original": forgetting(root, runs, args.boxes, args.si, args.forgetting)}
+    if not args.no_start:
+        results["before_training"] = start_scores(root)
+    results["load_average_at_end"] = os.getloadavg()[0]
     Path(args.output).write_text(json.dumps(results, indent=2))
 
 

@@ -45,6 +45,36 @@ def test_a_new_fidelity_starts_at_its_data_mean_through_its_fitted_e0(tmp_path, 
     assert torch.equal(model.e0[2, si], model.e0[0, si])
 
 
+def test_each_new_fidelity_starts_as_a_copy_of_the_fidelity_mapped_to_it(tmp_path, data_dir):
+    path = _config(tmp_path, new_fidelity_like={HIGH: "R2SCAN", "GFN2-xTB": "PBE"})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["files"].insert(0, {"path": "malonaldehyde/GFN2-xTB.extxyz", "index": "0:4",
+                                    "split": {"train": 4, "val": 0, "test": 0}})
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    data = prepare_data(cfg, resolve_data_root(cfg, data_dir))
+    model, _ = _init_from_model(cfg, data)
+    structures = data.splits["train"][:2]
+
+    def forces(fidelity):
+        return torch.cat([p[K.FORCES] for _, _, p in Predictor(model, fidelity).predict(structures)])
+
+    # one composition, so the fitted E0 rows shift energies only: the forces are the copied fidelity's
+    torch.testing.assert_close(forces(HIGH), forces("R2SCAN"))
+    torch.testing.assert_close(forces("GFN2-xTB"), forces("PBE"))
+    assert not torch.allclose(forces("PBE"), forces("R2SCAN"))
+
+
+def test_a_new_fidelity_like_mapping_must_name_every_new_fidelity():
+    from mfmlip.training.run import _like_per_fidelity
+
+    assert _like_per_fidelity("PBE", ["MP2", "r2SCAN"], ["R2SCAN", "PBE"]) == {"MP2": "PBE", "r2SCAN": "PBE"}
+    with pytest.raises(ConfigError, match="new fidelities are"):
+        _like_per_fidelity({"MP2": "R2SCAN"}, ["MP2", "r2SCAN"], ["R2SCAN", "PBE"])
+    with pytest.raises(ConfigError, match="not among init_from's fidelities"):
+        _like_per_fidelity({"MP2": "r2SCAN"}, ["MP2"], ["R2SCAN", "PBE"])
+
+
 def test_fine_tuning_with_replay_keeps_the_replayed_fidelities_in_training(tmp_path, data_dir, capsys):
     config = _config(tmp_path, replay={"share": 0.5, "val": 0.25}, freeze=["net.onehot_to_feature_x"])
     model = load_model(train(config, data_root=data_dir))

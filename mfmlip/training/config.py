@@ -164,7 +164,8 @@ class TrainingConfig(StrictModel):
     # minutes to compile, then faster steps; for runs of many steps (docs/benchmarks/compile.md)
     compile: bool = False
     init_from: Optional[str] = None  # model file, or a universal model such as sevenn:7net-mf-0
-    new_fidelity_like: Optional[str] = None  # init_from's fidelity that a new fidelity starts as a copy of
+    # init_from's fidelity that each new fidelity starts as a copy of, or {new: existing} per new fidelity
+    new_fidelity_like: Union[str, dict[str, str], None] = None
     replay: Optional[ReplayConfig] = None  # with init_from: replay structures labelled by the original model
     freeze: list[str] = []
     delta_from: Optional[str] = None  # base model file: train a correction to its predictions

@@ -60,8 +60,8 @@ def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotent
 
 def _init_from_model(cfg: Config, data) -> tuple[Potential, list[str]]:
     """``training.init_from`` (a model file or a name such as ``sevenn:7net-mf-0``)
-    extended by the data's new fidelities, each a copy of ``training.new_fidelity_like``;
-    and the fidelities the model had."""
+    extended by the data's new fidelities, each a copy of ``training.new_fidelity_like``
+    (one name for all, or ``{new: existing}``); and the fidelities the model had."""
     base = load_model(cfg.training.init_from, dtype=torch.float64)
     unknown = sorted(set(data.species) - set(base.species))
     if unknown:
@@ -71,12 +71,32 @@ def _init_from_model(cfg: Config, data) -> tuple[Potential, list[str]]:
         )
     original = list(base.fidelities)
     new = [f for f in data.fidelities if f not in original]
+    like = _like_per_fidelity(cfg.training.new_fidelity_like, new, original)
     for name in new:
-        base = add_fidelity(base, name, like=cfg.training.new_fidelity_like)
+        base = add_fidelity(base, name, like=like[name])
     train = [s for s in data.splits["train"] if s.fidelity in new]
     for name in new:
         _fit_new_e0(base, [s for s in train if s.fidelity == name], name, cfg)
     return base, original
+
+
+def _like_per_fidelity(like: str | dict[str, str] | None, new: list[str], original: list[str]) -> dict:
+    """``training.new_fidelity_like`` as ``{new fidelity: existing fidelity or None}``.
+
+    Raises
+    ------
+    ConfigError
+        A mapping that misses a new fidelity, names one the data does not add,
+        or copies a fidelity the ``init_from`` model does not have.
+    """
+    if not isinstance(like, dict):
+        like = dict.fromkeys(new, like)
+    elif set(like) != set(new):
+        raise ConfigError(f"training.new_fidelity_like: maps {sorted(like)}, but the new fidelities are {new}")
+    unknown = sorted({v for v in like.values() if v is not None} - set(original))
+    if unknown:
+        raise ConfigError(f"training.new_fidelity_like: {unknown} not among init_from's fidelities {original}")
+    return like
 
 
 def _fit_new_e0(model: Potential, structures: list, name: str, cfg: Config) -> None:
