@@ -22,7 +22,7 @@ import torch
 from mfmlip.analysis.evaluate import evaluate
 from mfmlip.data.e0 import composition_matrix
 from mfmlip.data.structures import read_structures
-from mfmlip.model.inference import resolve_model
+from mfmlip.model.inference import Predictor, resolve_model
 
 # (file, fidelity, frames): a strided subset where the full file costs too much on a shared CPU
 CHECKS = [("nacl_water/r2SCAN.extxyz", "R2SCAN", "::9"), ("silicon/PBE_test.extxyz", "PBE", ":")]
