@@ -256,3 +256,14 @@ def test_decay_over_time_needs_a_time_budget():
 
     with pytest.raises(ValidationError, match="decay_over: time needs max_time_minutes"):
         TrainingConfig(decay_over="time")
+
+
+def test_a_step_budget_shorter_than_an_epoch_still_validates_and_writes_the_model(tmp_path, data_dir):
+    cfg = {"seed": 0, "output_dir": str(tmp_path / "run"),
+           "data": {"root": str(data_dir), "files": [
+               {"path": "ethanol/PBE_train.extxyz", "index": "0:40", "split": {"train": None, "val": 8}}]},
+           "model": {"cutoff": 4.0, "channels": 4, "lmax": 1, "num_layers": 1},
+           "training": {"batch_size": 4, "max_steps": 2}}  # 8 batches per epoch
+    assert main(["train", str(write_config(tmp_path / "config.yaml", cfg))]) == 0
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert any(row.get("val_loss") for row in read_metrics(tmp_path / "run"))

@@ -154,9 +154,11 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
     ]
     if t.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
-    if not t.val_interval_steps:  # with step-wise validation, last.ckpt follows the validations
+    # step-wise validation; a max_steps budget shorter than an epoch validates once, at its end
+    interval = t.val_interval_steps or (t.max_steps if t.max_steps and t.max_steps < n_batches else None)
+    if not interval:  # with step-wise validation, last.ckpt follows the validations
         callbacks.append(LastCheckpointEveryEpoch())
-    every = {"check_val_every_n_epoch": None, "val_check_interval": t.val_interval_steps} if t.val_interval_steps else {}
+    every = {"check_val_every_n_epoch": None, "val_check_interval": interval} if interval else {}
     return L.Trainer(
         max_epochs=t.max_epochs,
         max_steps=t.max_steps or -1,
