@@ -12,7 +12,7 @@ real frames, first eagerly, then through :class:`mfmlip.model.compiled.CompiledP
 * the largest energy and force difference to the eager model on one batch.
 
 Run (the cores to itself): python benchmarks/compile.py --threads 2
-Writes docs/benchmarks/compile.json; docs/benchmarks/compile.md reads it.
+Writes docs/benchmarks/compile_<threads>thread.json; docs/benchmarks/compile.md reads it.
 """
 
 from __future__ import annotations
@@ -85,16 +85,16 @@ def run_case(name: str, root: Path, steps: int) -> dict:
     model = model_for(species, data)  # the same initial weights
     compiled = CompiledPotential(model)
     fast, first = timed_steps(model, compiled, data, steps)  # the first step traces and compiles
-    check = compiled(data[0])
+    # after the timed steps' updates: the compiled model against eager on the same weights
+    check, eager_out = compiled(data[0]), model(data[0])
+    difference = {k: float((check[k] - eager_out[k]).detach().abs().max()) for k in (K.ENERGY, K.FORCES)}
     trace_s, first = compiled.trace_seconds, first - compiled.trace_seconds
     out = {
         "structures_per_batch": size, "atoms_per_batch": int(data[0][K.POSITIONS].shape[0]),
         "edges_per_batch": [int(b[K.EDGE_INDEX].shape[1]) for b in data],
         "eager_ms_per_step": 1e3 * statistics.median(eager), "compiled_ms_per_step": 1e3 * statistics.median(fast),
         "trace_s": trace_s, "compile_s": first, "steps_timed": steps,
-        # after the timed steps' updates: the compiled model against eager on the same weights
-        "max_energy_difference_eV": float((check[K.ENERGY] - model(data[0])[K.ENERGY]).abs().max()),
-        "max_force_difference_eV_per_A": float((check[K.FORCES] - model(data[0])[K.FORCES]).abs().max()),
+        "max_energy_difference_eV": difference[K.ENERGY], "max_force_difference_eV_per_A": difference[K.FORCES],
     }
     out["speedup"] = out["eager_ms_per_step"] / out["compiled_ms_per_step"]
     out["break_even_steps"] = (trace_s + first) / max(1e-3 * (out["eager_ms_per_step"] - out["compiled_ms_per_step"]),
@@ -103,26 +103,23 @@ def run_case(name: str, root: Path, steps: int) -> dict:
     return out
 
 
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=30, help="timed steps per mode and case")
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--data-root", default=os.environ.get("MFMLIP_DATA", str(ROOT.parent / "shared" / "data")))
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "compile.json"))
+    p.add_argument("--out", help="default docs/benchmarks/compile_<threads>thread.json")
     args = p.parse_args()
+    out = Path(args.out or ROOT / "docs" / "benchmarks" / f"compile_{args.threads}thread.json")
     torch.set_num_threads(args.threads)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": args.threads,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "load_average_before": load_average()}
+            "cores": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
     results = {name: run_case(name, Path(args.data_root), args.steps) for name in args.cases.split(",")}
-    meta["load_average_after"] = load_average()
-    Path(args.out).write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
-    print("written", args.out)
+    meta["load_average_after"] = os.getloadavg()[0]
+    out.write_text(json.dumps({"meta": meta, "cases": results}, indent=1) + "\n")
+    print("written", out)
 
 
 if __name__ == "__main__":
