@@ -14,6 +14,7 @@ from mfmlip import keys as K
 from mfmlip.data.graph import atoms_to_batch, collate
 from mfmlip.model import DeltaPotential
 from mfmlip.model.compiled import CompiledPotential
+from mfmlip.model.interface import Potential
 from mfmlip.training.config import ConfigError, TrainingConfig
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.run import read_metrics, train
@@ -35,18 +36,39 @@ def _loss_and_gradients(model, out):
     return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
 
+def _assert_same(model, fast, eager, keys):
+    for key in keys:
+        torch.testing.assert_close(fast[key], eager[key], rtol=1e-10, atol=1e-12, msg=key)
+    for a, b in zip(_loss_and_gradients(model, fast, keys), _loss_and_gradients(model, eager, keys)):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _loss_and_gradients(model, out, keys):
+    loss = sum((out[k] ** 2).sum() for k in keys)
+    return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
 def test_the_unrolled_graph_gives_the_eager_outputs_and_weight_gradients(make_model):
     model = make_model(lmax=2, channels=4).train()  # l = 1, 2 gates: sigmoid outputs saved for the backward
-    compiled = CompiledPotential(model, compute_stress=True, backend=None)
+    compiled = CompiledPotential(model, backend=None)
+    every = (K.ENERGY, K.FORCES, K.STRESS)
     for n_cells in (2, 3, 1):  # traced on the first batch, reused for a larger one; one cell runs eagerly
         batch = _batch(n_cells, model.cutoff)
-        eager = model(batch, compute_forces=True, compute_stress=True)
-        fast = compiled(batch)
-        for key in (K.ENERGY, K.FORCES, K.STRESS):
-            torch.testing.assert_close(fast[key], eager[key], rtol=1e-10, atol=1e-12, msg=key)
-        for a, b in zip(_loss_and_gradients(model, fast), _loss_and_gradients(model, eager)):
-            if b is not None:
-                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        _assert_same(model, compiled(batch, compute_stress=True),
+                     model(batch, compute_forces=True, compute_stress=True), every)
+    # an energy-only batch gets its own graph, without derivatives (as the eager step)
+    batch = _batch(3, model.cutoff)
+    fast = compiled(batch, compute_forces=False)
+    assert set(fast) == {K.ENERGY} and len(compiled._graphs) == 2
+    _assert_same(model, fast, model(batch), (K.ENERGY,))
+
+
+def test_a_delta_model_compiles_with_its_base_frozen(make_model):
+    delta = DeltaPotential(make_model(), "PBE", make_model(seed=1)).train()
+    compiled = CompiledPotential(delta, backend=None)
+    batch = _batch(2, delta.cutoff)
+    _assert_same(delta, compiled(batch), delta(batch, compute_forces=True), (K.ENERGY, K.FORCES))
 
 
 def _config(tmp_path, data_dir, name: str, compile_: bool):
@@ -77,6 +99,9 @@ def test_a_compiled_run_trains_the_eager_run(tmp_path, data_dir):
 def test_what_compile_cannot_do_is_refused(make_model):
     with pytest.raises(ValidationError, match="compile needs batch_size >= 2"):
         TrainingConfig(batch_size=1, compile=True)
-    delta = DeltaPotential(make_model(), "PBE", make_model(seed=1))
-    with pytest.raises(ConfigError, match="mfmlip's own models only"):
-        MFLightningModule(delta, TrainingConfig(compile=True), [[1.0, 1.0, 0.0]] * 2)
+
+    class Other(Potential):  # e.g. a SevenNet model: not traced by mfmlip
+        pass
+
+    with pytest.raises(ConfigError, match="mfmlip's own models only, not Other"):
+        MFLightningModule(Other([1], ["PBE"], 4.0), TrainingConfig(compile=True), [[1.0, 1.0, 0.0]])

@@ -10,7 +10,7 @@ from mfmlip import MFCalculator
 from mfmlip.data.structures import structure_from_atoms
 from mfmlip.model import DeltaPotential, ModelSpec, validate_potential
 from mfmlip.model.fidelity import SCHEMES
-from mfmlip.model.inference import Predictor, chunks, resolve_dtype
+from mfmlip.model.inference import SMALL_BATCH_ATOMS, Predictor, chunks, resolve_dtype
 
 
 def _potentials(make_model):
@@ -146,6 +146,33 @@ def test_chunks_respect_both_limits():
 
     sizes = [[s.n_atoms for s in c] for c in chunks([S(3), S(3), S(3), S(10), S(1)], batch_size=2, max_atoms=7)]
     assert sizes == [[3, 3], [3], [10], [1]]
+
+
+def _threads_during_calls(calc, atoms_list) -> list[int]:
+    seen = []
+    calc.model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    for atoms in atoms_list:
+        atoms.calc = calc
+        atoms.get_forces()
+    return seen
+
+
+def test_small_systems_run_on_one_thread_and_the_setting_is_restored(make_model):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        small, large = rattled_si(), rattled_si() * (4, 4, 4)  # 4 and 256 atoms
+        assert len(small) < SMALL_BATCH_ATOMS <= len(large)
+        calc = MFCalculator(make_model(species=(14,)), fidelity="PBE")
+        assert _threads_during_calls(calc, [small, large]) == [1, 2]
+        calc.set(threads=2)
+        assert calc.parameters["threads"] == 2
+        assert _threads_during_calls(calc, [small.copy()]) == [2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        Predictor(make_model(species=(14,)), "PBE", threads=0)
 
 
 def test_predictor_requires_a_fidelity(make_model):

@@ -57,13 +57,15 @@ def _drop_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 class CompiledPotential:
-    """``model(batch, compute_forces=True, compute_stress=...)`` for training, compiled.
+    """``model(batch, compute_forces=..., compute_stress=...)`` for training, compiled.
 
-    The first call traces the model on its batch (sizes symbolic, so batches
-    of other numbers of structures, atoms and edges reuse the graph; a batch
-    of one structure, atom or edge runs eagerly, as a trace fixes such sizes) and
-    compiles it; that costs minutes on a CPU (the main job: ~0.5 min trace,
-    ~3 min compile on one core) and pays back over many steps
+    One graph per set of derivatives asked for (energy only for a batch of an
+    energy-only level, as the eager step does; energy and forces; and stress),
+    each traced on the first batch that asks for it. Sizes are symbolic, so
+    batches of other numbers of structures, atoms and edges reuse the graph; a
+    batch of one structure, atom or edge runs eagerly, as a trace fixes such
+    sizes. A trace and compile cost minutes on a CPU (the main job: ~0.5 min
+    trace, ~3 min compile on one core) and pay back over many steps
     (docs/benchmarks/compile.md). Weights and buffers are read from ``model``
     at every call, so optimiser steps and loaded checkpoints are seen.
 
@@ -71,45 +73,50 @@ class CompiledPotential:
     ----------
     model : an :class:`~mfmlip.model.interface.Potential` in training mode
         (its forces keep their graph for the force loss).
-    compute_stress : trace the stress too.
     backend : ``torch.compile`` backend (``"inductor"`` fuses), or None to run
         the unrolled graph as it is.
 
     Returns (when called with a batch of :mod:`mfmlip.keys` tensors)
     -------
-    ``{"energy": (n_graphs,) eV, "forces": (n_atoms, 3) eV/A}`` and
-    ``"stress": (n_graphs, 3, 3) eV/A^3`` if ``compute_stress``; equal to the
-    eager model's to float round-off, derivatives with respect to the weights
-    included.
+    ``{"energy": (n_graphs,) eV}``, with ``"forces": (n_atoms, 3) eV/A`` if
+    ``compute_forces`` and ``"stress": (n_graphs, 3, 3) eV/A^3`` if
+    ``compute_stress``; equal to the eager model's to float round-off,
+    derivatives with respect to the weights included.
     """
 
-    def __init__(self, model: Potential, compute_stress: bool = False, backend: str | None = "inductor"):
-        self.model, self.compute_stress, self.backend = model, compute_stress, backend
-        self.outputs = (K.ENERGY, K.FORCES) + ((K.STRESS,) if compute_stress else ())
-        self._graph = None
-        self.trace_seconds = 0.0  # of the make_fx trace (the compile happens in the first call after it)
+    def __init__(self, model: Potential, backend: str | None = "inductor"):
+        self.model, self.backend = model, backend
+        self._graphs: dict[tuple[bool, bool], object] = {}
+        self.trace_seconds = 0.0  # of the make_fx traces (each compile happens in the first call after it)
 
-    def _function(self, weights, *tensors):
-        out = functional_call(self.model, weights, (dict(zip(INPUTS, tensors)),),
-                              {"compute_forces": True, "compute_stress": self.compute_stress})
-        return tuple(out[k] for k in self.outputs)
+    @staticmethod
+    def _outputs(derivatives: tuple[bool, bool]) -> tuple[str, ...]:
+        return (K.ENERGY,) + ((K.FORCES,) if derivatives[0] else ()) + ((K.STRESS,) if derivatives[1] else ())
 
-    def _trace(self, weights: dict, tensors: list) -> None:
+    def _trace(self, derivatives: tuple[bool, bool], weights: dict, tensors: list):
+        outputs, forces, stress = self._outputs(derivatives), *derivatives
+
+        def function(weights, *tensors):
+            out = functional_call(self.model, weights, (dict(zip(INPUTS, tensors)),),
+                                  {"compute_forces": forces, "compute_stress": stress})
+            return tuple(out[k] for k in outputs)
+
         start, frozen = time.perf_counter(), {k: v.detach() for k, v in weights.items()}
         with traceable(self.model):
-            graph = make_fx(self._function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
+            graph = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
         graph = _drop_detach(graph)
-        self.trace_seconds = time.perf_counter() - start
-        self._graph = graph if self.backend is None else torch.compile(graph, backend=self.backend, dynamic=True)
+        self.trace_seconds += time.perf_counter() - start
+        return graph if self.backend is None else torch.compile(graph, backend=self.backend, dynamic=True)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, compute_forces: bool = True, compute_stress: bool = False) -> dict:
+        derivatives = (compute_forces or compute_stress, compute_stress)  # stress comes with forces
+        outputs = self._outputs(derivatives)
         sizes = (batch[K.N_ATOMS].shape[0], batch[K.POSITIONS].shape[0], batch[K.EDGE_INDEX].shape[1])
         if min(sizes) < 2:  # a trace fixes sizes 0 and 1: such batches (rare, small) run eagerly
-            out = self.model(batch, compute_forces=True, compute_stress=self.compute_stress)
-            return {k: out[k] for k in self.outputs}
+            out = self.model(batch, compute_forces=derivatives[0], compute_stress=derivatives[1])
+            return {k: out[k] for k in outputs}
         weights = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         tensors = [batch[k] for k in INPUTS]
-        if self._graph is None:
-            self._trace(weights, tensors)
-        out = self._graph(weights, *tensors)
-        return dict(zip(self.outputs, out))
+        if derivatives not in self._graphs:
+            self._graphs[derivatives] = self._trace(derivatives, weights, tensors)
+        return dict(zip(outputs, self._graphs[derivatives](weights, *tensors)))

@@ -8,6 +8,7 @@ Units: energy eV, forces eV/Angstrom, stress eV/Angstrom^3 (ASE sign).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +22,31 @@ from mfmlip.model.interface import Potential
 from mfmlip.model.serialization import load_model
 
 DTYPES = {name: getattr(torch, name) for name in K.FLOAT_DTYPES}
+# Batches of fewer atoms run on one intra-op thread: the threads' synchronisation
+# costs more than they share, and collapses when another process holds a core
+# (docs/benchmarks/threads.md).
+SMALL_BATCH_ATOMS = 100
+
+
+def threads_for(n_atoms: int, threads: int | None = None) -> int:
+    """Intra-op threads for a batch of ``n_atoms`` atoms: ``threads`` if given,
+    else 1 below :data:`SMALL_BATCH_ATOMS` atoms and torch's setting above."""
+    if threads is not None:
+        return int(threads)
+    return 1 if n_atoms < SMALL_BATCH_ATOMS else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """``torch.set_num_threads(n)`` for the block, then back."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
@@ -74,12 +100,14 @@ class Predictor:
     device : torch device of the model and batches.
     dtype : ``"float32"``, ``"float64"`` or a torch dtype; default as :func:`resolve_model`.
     min_distance : Angstrom; structures with two atoms closer are refused.
+    threads : intra-op threads per call; default :func:`threads_for` (one for
+        batches under :data:`SMALL_BATCH_ATOMS` atoms, torch's setting above).
 
     Raises
     ------
     ValueError
-        Missing or unknown fidelity (the message lists the model's ones), or
-        an unsupported dtype.
+        Missing or unknown fidelity (the message lists the model's ones), an
+        unsupported dtype, or ``threads`` below 1.
 
     Examples
     --------
@@ -93,9 +121,11 @@ class Predictor:
     """
 
     def __init__(self, model, fidelity: str | None, device: str | torch.device = "cpu", dtype=None,
-                 min_distance: float = MIN_DISTANCE):
+                 min_distance: float = MIN_DISTANCE, threads: int | None = None):
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 or None (automatic), got {threads}")
         self.model = resolve_model(model, device, dtype)
-        self.device, self.min_distance = torch.device(device), float(min_distance)
+        self.device, self.min_distance, self.threads = torch.device(device), float(min_distance), threads
         self.set_fidelity(fidelity)
 
     @property
@@ -140,11 +170,12 @@ class Predictor:
         ValueError
             An element the model does not know.
         """
-        if forces or stress:
-            out = self.model(batch, compute_forces=forces, compute_stress=stress)
-        else:
-            with torch.inference_mode():  # not no_grad: the model's forward would re-enable it
-                out = self.model(batch, compute_forces=False)
+        with intra_op_threads(threads_for(batch[K.POSITIONS].shape[0], self.threads)):
+            if forces or stress:
+                out = self.model(batch, compute_forces=forces, compute_stress=stress)
+            else:
+                with torch.inference_mode():  # not no_grad: the model's forward would re-enable it
+                    out = self.model(batch, compute_forces=False)
         return {k: v.detach() for k, v in out.items()}
 
     def predict(self, structures: Sequence[Structure], batch_size: int = 64, max_atoms: int | None = None,

@@ -29,8 +29,12 @@ class MFCalculator(Calculator):
         dtype, or float32 for a model file.
     min_distance : Angstrom; structures with two atoms closer than this are
         refused (the model has never seen such geometries).
+    threads : intra-op threads per call; default None: one thread below
+        :data:`~mfmlip.model.inference.SMALL_BATCH_ATOMS` atoms (a 9-atom
+        molecule is no faster on two, and far slower when another process
+        shares the cores), torch's setting above.
 
-    ``fidelity``, ``device``, ``dtype`` and ``min_distance`` are the
+    ``fidelity``, ``device``, ``dtype``, ``min_distance`` and ``threads`` are the
     calculator's ``parameters``: ``calc.set(fidelity="MP2")`` (or
     ``calc.fidelity = "MP2"``) switches the level and clears the results.
 
@@ -56,7 +60,8 @@ class MFCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
-    default_parameters = {"fidelity": None, "device": "cpu", "dtype": None, "min_distance": MIN_DISTANCE}
+    default_parameters = {"fidelity": None, "device": "cpu", "dtype": None, "min_distance": MIN_DISTANCE,
+                          "threads": None}
 
     def __init__(
         self,
@@ -65,12 +70,13 @@ class MFCalculator(Calculator):
         device: str | torch.device = "cpu",
         dtype: str | None = None,
         min_distance: float = MIN_DISTANCE,
+        threads: int | None = None,
         **kwargs,
     ):
-        self.predictor = Predictor(model, fidelity, device, dtype, min_distance)
+        self.predictor = Predictor(model, fidelity, device, dtype, min_distance, threads)
         dtype_name = str(self.predictor.dtype).replace("torch.", "")
         super().__init__(fidelity=fidelity, device=str(device), dtype=dtype_name,
-                         min_distance=float(min_distance), **kwargs)
+                         min_distance=float(min_distance), threads=threads, **kwargs)
 
     @property
     def model(self):
@@ -105,6 +111,7 @@ class MFCalculator(Calculator):
             self.predictor.set_fidelity(p["fidelity"])
             self.predictor.to(p["device"], p["dtype"])
             self.predictor.min_distance = float(p["min_distance"])
+            self.predictor.threads = p["threads"]
             self.reset()
         return changed
 

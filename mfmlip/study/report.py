@@ -19,7 +19,7 @@ from mfmlip.atomic_io import atomic_write
 from mfmlip.study.config import SINGLE, StudyConfig
 
 COLUMNS = ("method", "selection", "fraction", "seed", "n_high", "status", "energy_mae", "energy_rmse", "energy_max",
-           "forces_mae", "forces_rmse", "forces_max", "seconds", "error")
+           "forces_mae", "forces_rmse", "forces_max", "seconds", "steps", "error")
 QUANTITIES = {"energy": "meV/atom", "forces": "meV/Å"}
 CLAIM = (0.1, 0.8)  # Ko & Ong: 10 % high-level data with multi-fidelity vs 80 % single-fidelity
 
@@ -35,7 +35,8 @@ def result_rows(plan, statuses: dict) -> list[dict]:
         rows.append({
             "method": run.method, "selection": run.selection, "fraction": run.fraction, "seed": run.seed, "n_high": run.n_high,
             "status": st["status"], **{c: m.get(c, "") for c in COLUMNS[6:12]},
-            "seconds": round(st["seconds"], 1) if "seconds" in st else "", "error": st.get("error", ""),
+            "seconds": round(st["seconds"], 1) if "seconds" in st else "", "steps": st.get("steps") or "",
+            "error": st.get("error", ""),
         })
     return rows
 
@@ -71,7 +72,14 @@ def write_report(cfg: StudyConfig, plan, statuses: dict) -> Path:
     return out
 
 
-def _table(rows: list[dict], column: str, methods: list[str], fractions: list[float]) -> list[str]:
+def _budget(t) -> str:
+    if not t.max_time_minutes:
+        return f"{t.max_steps} optimiser steps"
+    decay = ", the learning rate decaying over the minutes" if t.decay_over == "time" else ""
+    return f"{t.max_time_minutes:g} min of training (or {t.max_steps} steps, whichever ends first){decay}"
+
+
+def _table(rows: list[dict], column: str, methods: list[str], fractions: list[float], fmt: str = "{:.2f}") -> list[str]:
     stats = summarise(rows, column)
     n_high = {r["fraction"]: r["n_high"] for r in rows}
     lines = ["| method | " + " | ".join(f"{f:g} (n={n_high[f]})" for f in fractions) + " |",
@@ -80,7 +88,7 @@ def _table(rows: list[dict], column: str, methods: list[str], fractions: list[fl
         cells = []
         for f in fractions:
             mean, std, _, k = stats.get((method, f), (np.nan, np.nan, 0, 0))
-            cells.append("failed" if k == 0 else f"{mean:.2f} ± {std:.2f}" if k > 1 else f"{mean:.2f}")
+            cells.append("failed" if k == 0 else f"{fmt.format(mean)} ± {fmt.format(std)}" if k > 1 else fmt.format(mean))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -133,13 +141,16 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
         "no test geometry enters any training set (low levels included).",
         f"- Columns: fraction of the {plan.n_pool}-structure pool (n = high-level structures seen, "
         f"{cfg.data.val_fraction:g} of them for validation). Mean ± std over seeds {cfg.grid.seeds}.",
-        f"- Budget: {t.max_steps} optimiser steps per run, batch {t.batch_size}; transfer and delta spend "
-        f"{t.max_steps // 2} on a shared low-level model (one per seed) and {t.max_steps // 2} on the high level.",
+        f"- Budget: {_budget(t)} per run, batch {t.batch_size}; transfer and delta spend half on a shared "
+        "low-level model (one per seed) and half on the high level.",
         *([f"- Selections of the high-level subset: {', '.join(cfg.grid.selections)} (random unless named "
            "in brackets; DIRECT and narrow encode the pool with the seed's low-level model)."]
           if cfg.grid.selections != ["random"] else []),
         f"- Model: {m.channels} channels, lmax {m.lmax}, {m.num_layers} layers, cutoff {m.cutoff} Å, {m.dtype}.", "",
     ]
+    if t.max_time_minutes and any(r["steps"] != "" for r in rows):
+        lines += ["## optimiser steps in the budget (two-stage methods: second stage only)", "",
+                  *_table(rows, "steps", methods, fractions, "{:.0f}"), ""]
     for q, unit in QUANTITIES.items():
         if any(r[f"{q}_mae"] != "" for r in rows):
             lines += [f"## {q} MAE ({unit})", "", *_table(rows, f"{q}_mae", methods, fractions), ""]

@@ -107,6 +107,7 @@ def _line(status: dict, seconds: float, fidelity: str) -> str:
 
 def _child(run: Run, threads: int, reader: CachedReader, high_fidelity: str) -> None:
     """Train one run in a forked process; its output goes to ``<run>/train.log``."""
+    from mfmlip.model.serialization import read_model_file
     from mfmlip.study.select import choose_high
     from mfmlip.training.run import train
 
@@ -120,10 +121,11 @@ def _child(run: Run, threads: int, reader: CachedReader, high_fidelity: str) -> 
     try:
         if run.choose:
             choose_high(run, reader)
-        train(run.config, resume=True, reader=reader)
+        model_path = train(run.config, resume=True, reader=reader)
         test = run.folder / "test_metrics.json"
         metrics = json.loads(test.read_text()).get(high_fidelity, {}) if test.is_file() else {}
-        _write_status(run, {"status": "done", "seconds": time.time() - started, "metrics": metrics})
+        steps = read_model_file(model_path)["metadata"].get("steps_trained")
+        _write_status(run, {"status": "done", "seconds": time.time() - started, "steps": steps, "metrics": metrics})
     except Exception as err:  # recorded; the study goes on
         traceback.print_exc()
         _write_status(run, {"status": "failed", "error": f"{type(err).__name__}: {err}",

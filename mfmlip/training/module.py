@@ -12,6 +12,7 @@ from mfmlip import keys as K
 from mfmlip.analysis.metrics import MetricAccumulator
 from mfmlip.data.graph import to_device
 from mfmlip.model.compiled import CompiledPotential
+from mfmlip.model.delta import DeltaPotential
 from mfmlip.model.interface import Potential
 from mfmlip.model.potential import MFPotential
 from mfmlip.training.config import ConfigError, TrainingConfig
@@ -46,21 +47,21 @@ class MFLightningModule(L.LightningModule):
         # training.compile: training steps through one compiled graph (validation stays eager)
         self.compiled = None
         if training.compile:
-            if not isinstance(model, MFPotential):
+            if not isinstance(model, (MFPotential, DeltaPotential)):
                 raise ConfigError(f"training.compile: mfmlip's own models only, not {type(model).__name__}")
-            self.compiled = CompiledPotential(model, self.loss_fn.needs_stress)
+            self.compiled = CompiledPotential(model)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return to_device(batch, self.device, self.model.dtype)
 
     def _step(self, batch):
-        if self.compiled is not None and self.training:
-            pred = self.compiled(batch)  # forces (and stress) always: one graph for every batch
-            return (pred, *self.loss_fn(pred, batch))
         # derivatives only for labels present in this batch (energy-only levels skip them)
         forces = self.loss_fn.needs_forces and bool(batch[K.FORCES_MASK].any())
         stress = self.loss_fn.needs_stress and bool(batch[K.STRESS_MASK].any())
-        pred = self.model(batch, compute_forces=forces, compute_stress=stress)
+        if self.compiled is not None and self.training:  # training.compile: one graph per derivative set
+            pred = self.compiled(batch, compute_forces=forces, compute_stress=stress)
+        else:
+            pred = self.model(batch, compute_forces=forces, compute_stress=stress)
         loss, parts = self.loss_fn(pred, batch)
         return pred, loss, parts
 

@@ -270,6 +270,7 @@ def train(
         "e0": e0_as_dict(model.e0_table(), model.species, model.fidelities),
         "config": cfg.model_dump(mode="json"),
         "epochs_trained": trainer.current_epoch,
+        "steps_trained": trainer.global_step,
         "training_data": _label_counts(data.splits["train"]),
     }
     if not all(torch.isfinite(p).all() for p in model.parameters()):
