@@ -173,6 +173,8 @@ def test_small_systems_run_on_one_thread_and_the_setting_is_restored(make_model)
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be >= 1"):
         Predictor(make_model(species=(14,)), "PBE", threads=0)
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        calc.set(threads=0)
 
 
 def test_predictor_requires_a_fidelity(make_model):

@@ -36,6 +36,19 @@ def threads_for(n_atoms: int, threads: int | None = None) -> int:
     return 1 if n_atoms < SMALL_BATCH_ATOMS else torch.get_num_threads()
 
 
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` (intra-op threads per call, or None for :func:`threads_for`'s rule), checked.
+
+    Raises
+    ------
+    ValueError
+        ``threads`` below 1.
+    """
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be >= 1 or None (automatic), got {threads}")
+    return threads
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int):
     """``torch.set_num_threads(n)`` for the block, then back."""
@@ -122,11 +135,10 @@ class Predictor:
 
     def __init__(self, model, fidelity: str | None, device: str | torch.device = "cpu", dtype=None,
                  min_distance: float = MIN_DISTANCE, threads: int | None = None):
-        if threads is not None and int(threads) < 1:
-            raise ValueError(f"threads must be >= 1 or None (automatic), got {threads}")
         self.model = resolve_model(model, device, dtype)
-        self.device, self.min_distance, self.threads = torch.device(device), float(min_distance), threads
+        self.device, self.min_distance = torch.device(device), float(min_distance)
         self.set_fidelity(fidelity)
+        self.threads = check_threads(threads)
 
     @property
     def dtype(self) -> torch.dtype:

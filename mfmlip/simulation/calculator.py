@@ -11,7 +11,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mfmlip import keys as K
 from mfmlip.data.graph import MIN_DISTANCE
-from mfmlip.model.inference import Predictor, resolve_dtype
+from mfmlip.model.inference import Predictor, check_threads, resolve_dtype
 
 
 class MFCalculator(Calculator):
@@ -97,10 +97,13 @@ class MFCalculator(Calculator):
         Raises
         ------
         ValueError
-            An unknown fidelity or unsupported dtype; nothing is changed then.
+            An unknown fidelity, an unsupported dtype or ``threads`` below 1;
+            nothing is changed then.
         """
         if "fidelity" in kwargs:
             self.predictor.model.fidelity_index(kwargs["fidelity"])
+        if "threads" in kwargs:
+            check_threads(kwargs["threads"])
         if kwargs.get("dtype") is not None:
             kwargs["dtype"] = str(resolve_dtype(kwargs["dtype"])).replace("torch.", "")
         if "device" in kwargs:
