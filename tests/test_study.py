@@ -31,6 +31,9 @@ def tiny_study(tmp_path, **changes) -> Path:
     raw["output_dir"] = str(tmp_path / "study")
     raw["quick"] = {**TINY_QUICK, **changes.pop("quick", {})}
     raw["training"]["val_interval_steps"] = 3
+    # small and deterministic: a 16-channel model and a schedule over steps, not minutes
+    raw["model"] = {**raw["model"], "channels": 16, "num_layers": 2}
+    raw["training"] = {k: v for k, v in raw["training"].items() if k not in ("max_time_minutes", "decay_over")}
     for key, value in changes.items():
         raw[key] = {**raw.get(key, {}), **value}
     path = tmp_path / "study.yaml"
