@@ -58,10 +58,9 @@ class MFLightningModule(L.LightningModule):
         # derivatives only for labels present in this batch (energy-only levels skip them)
         forces = self.loss_fn.needs_forces and bool(batch[K.FORCES_MASK].any())
         stress = self.loss_fn.needs_stress and bool(batch[K.STRESS_MASK].any())
-        if self.compiled is not None and self.training:  # training.compile: one graph per derivative set
-            pred = self.compiled(batch, compute_forces=forces, compute_stress=stress)
-        else:
-            pred = self.model(batch, compute_forces=forces, compute_stress=stress)
+        # training.compile: training steps through one compiled graph per derivative set
+        predict = self.compiled if self.compiled is not None and self.training else self.model
+        pred = predict(batch, compute_forces=forces, compute_stress=stress)
         loss, parts = self.loss_fn(pred, batch)
         return pred, loss, parts
 
