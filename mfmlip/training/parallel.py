@@ -53,3 +53,30 @@ def check_parallel(cfg: Config) -> None:
     if world_size(t) > 1 and t.nonfinite_loss == "skip":
         raise ConfigError("training.nonfinite_loss: skip works with one process only (a batch skipped in one "
                           "process leaves the others waiting for its gradients); use stop with several devices")
+
+
+def strategy(training: TrainingConfig):
+    """Lightning's strategy for ``training``: ``ddp`` when several processes
+    train and none is named. DDP then skips its broadcast of the buffers before
+    every step (an mfmlip model's buffers, E0 and the element table, do not
+    change in training), and its gradients are views of the all-reduce buckets
+    (no copy per step)."""
+    name = training.strategy if training.strategy != "auto" or world_size(training) == 1 else "ddp"
+    if name != "ddp":
+        return name
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def set_process_threads(training: TrainingConfig) -> None:
+    """Several CPU processes on one node share its cores: each takes ``cores //
+    devices`` intra-op threads (at least 1), unless ``OMP_NUM_THREADS`` is set
+    (docs/benchmarks/compile.md: the main job on 2 cores)."""
+    import os
+
+    import torch
+
+    devices = training.devices if isinstance(training.devices, int) else 1
+    if devices > 1 and training.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // devices))

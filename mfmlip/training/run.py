@@ -13,9 +13,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
@@ -39,7 +40,7 @@ from mfmlip.training.data import (
 )
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
-from mfmlip.training.parallel import check_parallel, lead_process, world_size
+from mfmlip.training.parallel import check_parallel, lead_process, set_process_threads, strategy, world_size
 from mfmlip.training.replay import replay_splits
 from mfmlip.training.sampler import FidelityShareSampler, RankShard
 from mfmlip.training.rundir import prepare_output_dir, write_run_config
@@ -49,6 +50,9 @@ REPLAY_GROUP = -1  # sampler group of the replay structures (fidelity indices ar
 E0_FIT_STRUCTURES = 16  # structures of a new fidelity that its E0 is fitted on (a pass of the model each)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning internals
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")  # ours casts the dtype
+# DDP with training.compile: the compiled backward gives a (1, k) weight's gradient other (equally valid)
+# strides than its bucket's, and DDP copies those k numbers
+warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
 
 
 def _fresh_model(cfg: Config, data, stats, avg_num_neighbors: float) -> MFPotential:
@@ -153,7 +157,9 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         progress_callback(n_batches),
     ]
     if t.ema_decay:
-        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+        # EMA of the weights; the foreach update (one call for all tensors): Lightning's
+        # EMAWeightAveraging loops over them in Python, 5 % of a compiled step
+        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)))
     # step-wise validation; a max_steps budget shorter than an epoch validates once, at its end
     interval = t.val_interval_steps or (t.max_steps if t.max_steps and t.max_steps < n_batches else None)
     if not interval:  # with step-wise validation, last.ckpt follows the validations
@@ -167,7 +173,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         accelerator=t.device,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy if t.strategy != "auto" or world_size(t) == 1 else "ddp",
+        strategy=strategy(t),
         use_distributed_sampler=False,  # each process draws its RankShard of the global order
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
@@ -217,6 +223,7 @@ def train(
     out, root = Path(cfg.output_dir), resolve_data_root(cfg, data_root)
     check_device(cfg)
     check_parallel(cfg)
+    set_process_threads(cfg.training)
     lead = lead_process()
     if lead:  # the other processes of a multi-process run start once this one trains
         prepare_output_dir(cfg, out, root, resume, overwrite)
