@@ -124,3 +124,31 @@ def test_what_several_processes_cannot_do_is_refused(tmp_path, data_dir, change,
     cfg.training = cfg.training.model_copy(update={"devices": 2, **change})
     with pytest.raises(ConfigError, match=message):
         train(cfg)
+
+
+def test_cpu_processes_share_the_cores_and_ddp_skips_the_buffer_broadcast(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from mfmlip.training.config import TrainingConfig
+    from mfmlip.training.parallel import set_process_threads, strategy
+
+    two, one = TrainingConfig(devices=2), TrainingConfig()
+    ddp = strategy(two)
+    assert isinstance(ddp, DDPStrategy) and ddp._ddp_kwargs["gradient_as_bucket_view"]
+    assert False in (ddp._ddp_kwargs.get("forward_sync_buffers"), ddp._ddp_kwargs.get("broadcast_buffers"))
+    assert strategy(one) == "auto" and strategy(TrainingConfig(devices=2, strategy="ddp_spawn")) == "ddp_spawn"
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        set_process_threads(two)
+        assert torch.get_num_threads() == 3  # 6 cores, 2 processes
+        torch.set_num_threads(before)
+        set_process_threads(one)  # one process keeps torch's setting
+        assert torch.get_num_threads() == before
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        set_process_threads(two)  # the user's setting wins
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)

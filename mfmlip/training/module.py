@@ -69,11 +69,15 @@ class MFLightningModule(L.LightningModule):
         _, loss, parts = self._step(batch)
         if not torch.isfinite(loss):
             return self._nonfinite(f"loss is {loss.item()}")
+        # logged on the steps the logger writes (every log_every_n_steps): with several processes each
+        # log is a collective, which makes every process wait for the slowest
+        if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps:
+            return loss
         names = ["loss", "energy"] + ["forces"] * self.loss_fn.needs_forces + ["stress"] * self.loss_fn.needs_stress
         zero = loss.detach().new_zeros(())  # a part with no labels in this batch adds nothing to its loss
         values = torch.stack([loss.detach()] + [parts.get(k, zero).detach() for k in names[1:]])
-        # with several processes: the mean over them (the step's global batch), in one collective
-        # per step; Lightning's sync_dist would cost a barrier and an all_reduce per value
+        # with several processes: the mean over them (the step's global batch), in one collective;
+        # Lightning's sync_dist would cost a barrier and an all_reduce per value
         if self.trainer.world_size > 1:
             torch.distributed.all_reduce(values)
             values = values / self.trainer.world_size

@@ -64,9 +64,15 @@ def strategy(training: TrainingConfig):
     name = training.strategy if training.strategy != "auto" or world_size(training) == 1 else "ddp"
     if name != "ddp":
         return name
-    from lightning.pytorch.strategies import DDPStrategy
+    import inspect
 
-    return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch >= 2.13 names the option forward_sync_buffers (broadcast_buffers is deprecated)
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+    return DDPStrategy(**{sync: False}, gradient_as_bucket_view=True)
 
 
 def set_process_threads(training: TrainingConfig) -> None:
