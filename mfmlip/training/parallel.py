@@ -1,5 +1,6 @@
 """Training on several devices and nodes (Lightning's DDP): which process this
-is, how many there are, and a check of the config's strategy.
+is, how many there are, a check of the config's strategy, the strategy
+itself, and the threads of CPU processes.
 
 ``training.devices`` processes per node times ``training.num_nodes`` nodes
 train together; ``batch_size`` is per process. Lightning starts the other
@@ -77,8 +78,9 @@ def strategy(training: TrainingConfig):
 
 def set_process_threads(training: TrainingConfig) -> None:
     """Several CPU processes on one node share its cores: each takes ``cores //
-    devices`` intra-op threads (at least 1), unless ``OMP_NUM_THREADS`` is set
-    (docs/benchmarks/compile.md: the main job on 2 cores)."""
+    devices`` intra-op threads (at least 1) for the rest of the process,
+    unless ``OMP_NUM_THREADS`` is set (docs/benchmarks/compile.md: the main
+    job on 2 cores)."""
     import os
 
     import torch
