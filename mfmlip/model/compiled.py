@@ -18,6 +18,7 @@ gradients in float64). :func:`_drop_detach` removes them.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -101,6 +102,10 @@ class CompiledPotential:
                                   {"compute_forces": forces, "compute_stress": stress})
             return tuple(out[k] for k in outputs)
 
+        if tensors[0].device.type == "cpu" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+            # compile in this process: Inductor's pool of compile workers, left running, made every later
+            # CPU step 1.75x slower and the compile itself slower (docs/benchmarks/compile.md)
+            torch._inductor.config.compile_threads = 1
         start, frozen = time.perf_counter(), {k: v.detach() for k, v in weights.items()}
         with traceable(self.model):
             graph = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
