@@ -236,7 +236,8 @@ def test_training_with_ema_writes_a_working_model(tmp_path, data_dir, capsys):
     # not a terminal: one summary line per epoch, with this epoch's validation MAEs
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch ")]
     assert [ln.split(" (")[0] for ln in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
-    assert all(float(ln.split("(")[1].split(" s)")[0]) > 0 for ln in lines)  # each epoch's wall seconds
+    # each epoch's wall seconds, to 0.1 s (a 4-step epoch of this tiny model can print 0.0)
+    assert all(float(ln.split("(")[1].split(" s)")[0]) >= 0 for ln in lines)
     assert all("val_loss" in ln and "energy_mae/GFN2-xTB" in ln for ln in lines)
     calc = MFCalculator(model_path, fidelity="GFN2-xTB")
     from ase.io import read
