@@ -13,11 +13,10 @@ class EpochSummary(L.Callback):
     """Prints ``epoch k/n (s), train_loss ... val_loss ... | per-fidelity MAEs`` after each
     epoch, with its wall seconds (``on_train_epoch_end`` runs after that epoch's validation)."""
 
-    def on_train_start(self, trainer, pl_module):  # a run resumed inside an epoch starts no epoch
-        self.started = time.perf_counter()
-
     def on_train_epoch_start(self, trainer, pl_module):
         self.started = time.perf_counter()
+
+    on_train_start = on_train_epoch_start  # a run resumed inside an epoch starts no epoch
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.is_global_zero:  # one line per epoch, not one per process
