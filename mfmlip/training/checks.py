@@ -102,10 +102,13 @@ def check_fidelity_names(names, fidelities: list[str], key: str = "training.fide
 
 
 def check_training_fidelities(training, fidelities: list[str]) -> None:
-    """Fidelity names in ``training.fidelity_weights``, ``training.sampling`` and
-    ``training.monitor`` all match the data's (:func:`check_fidelity_names`)."""
+    """Fidelity names in ``training.fidelity_weights``, ``training.sampling``, the same
+    keys of ``training.stage_two``, and ``training.monitor`` all match the data's (:func:`check_fidelity_names`)."""
     check_fidelity_names(training.fidelity_weights, fidelities, "training.fidelity_weights")
     check_fidelity_names(training.sampling, fidelities, "training.sampling")
+    if training.stage_two is not None:
+        check_fidelity_names(training.stage_two.fidelity_weights, fidelities, "training.stage_two.fidelity_weights")
+        check_fidelity_names(training.stage_two.sampling, fidelities, "training.stage_two.sampling")
     monitored = training.monitor.partition("/")[2]  # "val_energy_mae/CCSD(T)/CBS" -> "CCSD(T)/CBS"
     check_fidelity_names([monitored] if monitored else [], fidelities, "training.monitor")
 

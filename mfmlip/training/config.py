@@ -139,6 +139,30 @@ class ReplayConfig(StrictModel):
     seed: int = 0
 
 
+class StageTwo(StrictModel):
+    """``training.stage_two``: from epoch ``start_epoch`` (0-based) to the end, train with
+    other loss weights and sampling shares (the learning rate keeps its schedule).
+
+    The last epochs then weigh the target level more, as MACE's stage two raises the
+    energy weight for its last epochs (Batatia et al. 2022, the ``swa`` option). Keys left
+    out keep the first stage's values: ``weights`` the base weights, ``fidelity_weights``
+    overrides merged into the first stage's per fidelity, ``sampling`` the shares
+    (``training.sampling``; empty keeps the first stage's draws). Because the loss
+    changes, ``val_loss`` of the two stages does not compare: with a stage two,
+    ``training.monitor`` must be a validation error (``val_energy_mae/<fidelity>``).
+    """
+
+    start_epoch: PositiveInt
+    weights: Optional[WeightOverride] = None
+    fidelity_weights: dict[str, WeightOverride] = {}
+    sampling: dict[str, PositiveFloat] = {}
+
+    @field_validator("sampling")
+    @classmethod
+    def _normalised(cls, v):
+        return {k: s / sum(v.values()) for k, s in v.items()}
+
+
 class TrainingConfig(StrictModel):
     batch_size: PositiveInt = 16
     max_epochs: PositiveInt = 100
@@ -186,6 +210,19 @@ class TrainingConfig(StrictModel):
     # metric that picks the best checkpoint and drives early stopping (lower is better):
     # "val_loss", or "val_energy_mae/<fidelity>" / "val_forces_mae/<fidelity>" (meV units)
     monitor: str = "val_loss"
+    stage_two: Optional[StageTwo] = None
+
+    @field_validator("stage_two")
+    @classmethod
+    def _stage_two_monitor(cls, v, info):
+        if v is None:
+            return v
+        if info.data.get("monitor", "val_loss") == "val_loss":
+            raise ValueError("with a stage two, val_loss of the two stages does not compare: set "
+                             "training.monitor to val_energy_mae/<fidelity> or val_forces_mae/<fidelity>")
+        if v.start_epoch >= info.data.get("max_epochs", 100):
+            raise ValueError(f"start_epoch {v.start_epoch} is not before max_epochs {info.data.get('max_epochs')}")
+        return v
 
     @field_validator("sampling")
     @classmethod
@@ -214,13 +251,16 @@ class TrainingConfig(StrictModel):
             raise ValueError(f"monitor '{v}': use val_loss, val_energy_mae/<fidelity> or val_forces_mae/<fidelity>")
         return v
 
-    def weights_for(self, fidelity: str) -> tuple[float, float, float]:
-        """(energy, forces, stress) weights of one fidelity."""
-        over = self.fidelity_weights.get(fidelity, WeightOverride())
-        return tuple(
-            getattr(over, k) if getattr(over, k) is not None else getattr(self.weights, k)
-            for k in LABEL_NAMES
-        )
+    def weights_for(self, fidelity: str, stage: int = 1) -> tuple[float, float, float]:
+        """(energy, forces, stress) weights of one fidelity in stage 1 or 2 (``stage_two``)."""
+        two = self.stage_two if stage == 2 else None
+        # later layers override the keys they set: base weights, then per-fidelity overrides
+        layers = [self.weights, two and two.weights, self.fidelity_weights.get(fidelity),
+                  two and two.fidelity_weights.get(fidelity)]
+        out = {}
+        for layer in layers:
+            out.update({k: getattr(layer, k) for k in LABEL_NAMES if layer is not None and getattr(layer, k) is not None})
+        return tuple(out[k] for k in LABEL_NAMES)
 
 
 class Config(StrictModel):

@@ -34,13 +34,16 @@ class MFLightningModule(L.LightningModule):
         schedule, loss kind, non-finite handling).
     loss_weights : (n_fidelities, 3) energy/forces/stress weights, in the
         order of ``model.fidelities``.
+    stage_two_weights : the same from ``training.stage_two.start_epoch`` on (default: ``loss_weights``).
     """
 
-    def __init__(self, model: Potential, training: TrainingConfig, loss_weights):
+    def __init__(self, model: Potential, training: TrainingConfig, loss_weights, stage_two_weights=None):
         super().__init__()
         self.model = model
         self.training_config = training
         self.loss_fn = MaskedLoss(torch.as_tensor(loss_weights), training.loss, training.huber_delta)
+        two = loss_weights if stage_two_weights is None else stage_two_weights
+        self._stage_weights = [torch.as_tensor(w, dtype=torch.float32) for w in (loss_weights, two)]
         self._val_metrics = None
         self.train_structures = []  # set by the run: its training split, to name structures in errors
         self.skipped_batches = 0
@@ -112,6 +115,21 @@ class MFLightningModule(L.LightningModule):
         self._nonfinite(f"gradient of {bad[:3]}{' ...' if len(bad) > 3 else ''} is not finite")
         optimizer.zero_grad(set_to_none=True)  # skipped: the optimiser leaves the weights alone
 
+    def _stage_loss_weights(self) -> None:
+        """The loss weights of the current epoch's stage (``training.stage_two``); set at every
+        epoch start (also after a resume) and before validation, where the EMA callback has
+        swapped in its running average of the module's buffers, these weights included."""
+        two = self.training_config.stage_two
+        stage = int(two is not None and self.current_epoch >= two.start_epoch)
+        self.loss_fn.weights.copy_(self._stage_weights[stage])
+
+    def on_train_epoch_start(self):
+        two = self.training_config.stage_two
+        if two is not None and self.current_epoch == two.start_epoch:
+            self.print(f"stage two from epoch {two.start_epoch + 1}: loss weights (energy, forces, stress) per "
+                       f"fidelity {dict(zip(self.model.fidelities, self._stage_weights[1].tolist()))}", flush=True)
+        self._stage_loss_weights()
+
     def on_train_epoch_end(self):
         # once per epoch, so that it reaches logs/version_N/metrics.csv (step rows are thinned out)
         self.log("skipped_batches", float(self.skipped_batches), on_epoch=True, sync_dist=self.trainer.world_size > 1)
@@ -123,6 +141,7 @@ class MFLightningModule(L.LightningModule):
         self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def on_validation_epoch_start(self):
+        self._stage_loss_weights()
         self._val_metrics = MetricAccumulator(self.model.fidelities)
         self._val_loss = torch.zeros(2, dtype=torch.float64)  # sum of loss * structures, structures
 

@@ -42,7 +42,7 @@ from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
 from mfmlip.training.parallel import check_parallel, lead_process, set_process_threads, strategy, world_size
 from mfmlip.training.replay import replay_splits
-from mfmlip.training.sampler import FidelityShareSampler, RankShard
+from mfmlip.training.sampler import FidelityShareSampler, RankShard, TwoStageOrder
 from mfmlip.training.rundir import prepare_output_dir, write_run_config
 
 MODEL_FILE = "model.pt"
@@ -248,9 +248,9 @@ def train(
     t = cfg.training
     train_set = data.dataset("train", cutoff)
     model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_set))
-    weights = [t.weights_for(f) for f in data.fidelities]
+    weights = [[t.weights_for(f, stage) for f in data.fidelities] for stage in (1, 2)]
     # train mode: a loaded init_from model comes in eval mode, whose forces keep no graph
-    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, weights)
+    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, *weights)
     freeze(module.model, t.freeze)
     module.train_structures = data.splits["train"]
     order = _train_order(cfg, data, train_set, n_own)
@@ -308,10 +308,11 @@ def _add_replay(cfg: Config, data, model: Potential, original: list[str], root: 
 def _train_order(cfg: Config, data, train_set, n_own: int):
     """The sampler of an epoch's training draws, the same in every process: the
     :class:`FidelityShareSampler` of ``training.sampling`` and ``training.replay``,
-    else a shuffle. The replay structures (after the first ``n_own``) form one
-    group of share ``replay.share``; the user's fidelities share the rest, by
-    ``training.sampling`` or else by count. A step-budgeted run with step-wise
-    validation has epochs of at least one validation interval of global batches.
+    else a shuffle; with ``training.stage_two.sampling``, a :class:`TwoStageOrder`
+    that switches to that sampling's draws. The replay structures (after the first
+    ``n_own``) form one group of share ``replay.share``; the user's fidelities share
+    the rest, by ``training.sampling`` or else by count. A step-budgeted run with
+    step-wise validation has epochs of at least one validation interval of global batches.
 
     Raises
     ------
@@ -322,14 +323,27 @@ def _train_order(cfg: Config, data, train_set, n_own: int):
     t = cfg.training
     n, batch = len(train_set), t.batch_size * world_size(t)
     passes = epoch_passes(n, batch, t.val_interval_steps or 1)
-    if not t.sampling and not t.replay:
+    first = _shares_order(cfg, data, train_set, n_own, t.sampling, "training.sampling", passes)
+    if t.stage_two is None or not t.stage_two.sampling:
+        return first
+    second = _shares_order(cfg, data, train_set, n_own, t.stage_two.sampling, "training.stage_two.sampling",
+                           passes)
+    return TwoStageOrder(first, second, t.stage_two.start_epoch)
+
+
+def _shares_order(cfg: Config, data, train_set, n_own: int, sampling: dict, key: str, passes: int):
+    """One epoch's draws (``passes`` times the training set's size) of one sampling
+    (``{fidelity: share}``, empty: by count) and of the replay group."""
+    t = cfg.training
+    n = len(train_set)
+    if not sampling and not t.replay:
         return EpochShuffle(n, cfg.seed, passes)
     own = fidelity_names(data.splits["train"])[:n_own]
     present = sorted(set(own))
-    missing = sorted(set(present) - set(t.sampling))
-    if t.sampling and missing:
-        raise ConfigError(f"training.sampling: no share for {missing} (training fidelities: {present})")
-    shares = t.sampling or {f: own.count(f) / n_own for f in present}
+    missing = sorted(set(present) - set(sampling))
+    if sampling and missing:
+        raise ConfigError(f"{key}: no share for {missing} (training fidelities: {present})")
+    shares = sampling or {f: own.count(f) / n_own for f in present}
     kept = 1.0 - (t.replay.share if t.replay else 0.0)
     groups = {fidelity_index(data.fidelities, f): share * kept for f, share in shares.items()}
     labels = train_set.fidelity_indices()[:n_own]

@@ -86,6 +86,34 @@ class FidelityShareSampler(torch.utils.data.Sampler):
         return self.num_samples
 
 
+class TwoStageOrder(torch.utils.data.Sampler):
+    """The draws of ``first`` in the epochs before ``start_epoch`` (0-based), of
+    ``second`` from it on (``training.stage_two.sampling``); both are told every epoch.
+
+    Raises
+    ------
+    ValueError
+        The two have different lengths (an epoch keeps its number of batches).
+    """
+
+    def __init__(self, first, second, start_epoch: int):
+        if len(first) != len(second):
+            raise ValueError(f"the two stages draw {len(first)} and {len(second)} items per epoch")
+        self.first, self.second, self.start_epoch, self.epoch = first, second, start_epoch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for sampler in (self.first, self.second):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(self.second if self.epoch >= self.start_epoch else self.first)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
 class RankShard(torch.utils.data.Sampler):
     """One process's part of a global draw order, for training on several
     devices (DDP) with the batches a single process would draw.
