@@ -29,6 +29,19 @@ run with glibc malloc, as they do by default. ``CODE@system`` and
 visible. Every worker reports the malloc actually mapped into it, and the
 report gives it per row.
 
+Compiled paths: ``CODE+compile`` (``mfmlip+compile``, ``nequip+compile``, with
+an allocator too: ``mfmlip+compile@system``) runs the code's compiled path:
+for mfmlip :class:`mfmlip.model.compiled.CompiledPotential` (training as
+``training.compile: true``; inference through its eval-mode graphs), for
+NequIP its ``compile_mode="compile"`` in training and AOTInductor
+(``nequip-compile --mode aotinductor``) in inference. The warm-up's first call
+holds the trace and compile; its seconds are in the raw results
+(``first_call_s``, and ``one_off`` for a compile outside the timed calls).
+Every worker compiles with an empty Inductor cache of its own, in its own
+process (``TORCHINDUCTOR_COMPILE_THREADS=1``), as on a fresh machine.
+``--levers`` adds these too, and the report compares like with like: eager
+against eager, compiled against compiled, same allocator.
+
 Every measurement runs in a fresh subprocess (``benchmarks/workers/*.py``);
 the peers run in their own virtual environments, created on first use under
 ``--cache-dir`` (default ``~/.cache/mfmlip-bench/<peer>``): ``python -m venv``,
@@ -41,6 +54,7 @@ installs a top-level ``tests`` package that would shadow the project's tests.
 Usage::
 
     python benchmarks/speed.py --levers             # full speed run -> docs/benchmarks/
+    python benchmarks/speed.py --codes mfmlip,mfmlip+compile,nequip,nequip+compile --merge   # eager and compiled
     python benchmarks/speed.py --only accuracy      # the accuracy run alone (keeps the speed rows)
     python benchmarks/speed.py --codes mfmlip,mfmlip@system --accuracy --merge   # re-measure mfmlip only
     python benchmarks/speed.py --report-only        # rewrite report.md and the CSVs from raw.json
@@ -83,9 +97,11 @@ PEERS = {
     "nequip": {"pip": ["nequip==0.19.1"], "module": "nequip", "label": "NequIP"},
 }
 CODES = ["mfmlip", *PEERS]
+COMPILE = "+compile"  # "code+compile": that code's compiled path (module docstring); these codes have one
+COMPILED = ("mfmlip", "nequip")
 # "code@allocator": that code's worker with glibc malloc ("system") or tcmalloc preloaded. --levers adds these:
-# mfmlip with the allocator its command would not use, and the fastest peer with mfmlip's (like for like).
-LEVERS = ["mfmlip@system", "nequip@tcmalloc"]
+# mfmlip with the allocator its command would not use, the fastest peer with mfmlip's, and both compiled.
+LEVERS = ["mfmlip@system", "nequip@tcmalloc", "mfmlip+compile", "nequip+compile"]
 ALLOCATOR_ENV = "MFMLIP_ALLOCATOR"  # as for the mfmlip command: "system" runs plain mfmlip without tcmalloc
 
 MODEL = {"cutoff": 5.0, "channels": 32, "lmax": 2, "layers": 3}
@@ -247,25 +263,34 @@ def build_tasks(args, root: Path) -> list[dict]:
 
 
 def split_code(code: str) -> tuple[str, str]:
-    """'nequip@tcmalloc' -> ('nequip', 'tcmalloc'); 'mfmlip' -> ('mfmlip', '')."""
+    """The worker's code and the allocator: 'nequip+compile@tcmalloc' -> ('nequip', 'tcmalloc'); 'mfmlip' ->
+    ('mfmlip', '')."""
     name, _, alloc = code.partition("@")
-    return name, alloc
+    return name.removesuffix(COMPILE), alloc
+
+
+def compiled(code: str) -> bool:
+    """'mfmlip+compile', 'nequip+compile@tcmalloc': the code's compiled path."""
+    return code.partition("@")[0].endswith(COMPILE)
 
 
 def known_code(code: str) -> bool:
-    """A code, or a code with the allocator it does not use by default (mfmlip@system, <peer>@tcmalloc)."""
+    """A code, or a code with the allocator it does not use by default (mfmlip@system, <peer>@tcmalloc),
+    either of them compiled if the code has a compiled path (mfmlip+compile, nequip+compile@tcmalloc)."""
     name, alloc = split_code(code)
-    return name in CODES and alloc in ("", "system" if name == "mfmlip" else "tcmalloc")
+    return (name in CODES and alloc in ("", "system" if name == "mfmlip" else "tcmalloc")
+            and (not compiled(code) or name in COMPILED))
 
 
 def label(code: str) -> str:
     name, alloc = split_code(code)
-    return (PEERS[name]["label"] if name in PEERS else name) + (f"@{alloc}" if alloc else "")
+    return (PEERS[name]["label"] if name in PEERS else name) + COMPILE * compiled(code) + (f"@{alloc}" if alloc else "")
 
 
 def ordered(codes) -> list[str]:
-    """Codes as the code runs by default first (mfmlip, then the peers), then the allocator rows."""
-    return sorted(set(codes), key=lambda c: (bool(split_code(c)[1]), CODES.index(split_code(c)[0]), c))
+    """Codes as the code runs by default first (mfmlip, then the peers), then the compiled rows, then the
+    allocator rows."""
+    return sorted(set(codes), key=lambda c: (bool(split_code(c)[1]), compiled(c), CODES.index(split_code(c)[0]), c))
 
 
 def find_tcmalloc() -> str | None:
@@ -292,15 +317,20 @@ def run_worker(code: str, py: Path, task: dict, threads: int, timeout: float, lo
     name, _ = split_code(code)
     stamp = {"code": code, "run": run_id, "measured_utc": utc_now()}
     script = WORKERS / f"{name}_worker.py"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LD_PRELOAD")}
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONNOUSERSITE="1",
-               PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
     lib, error = preload(code)
     if error:
         return {"ok": False, "error": error, **stamp}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "LD_PRELOAD")}
+    # a scratch directory of the worker's own, removed after it: its temporary files and, for compiled paths, an
+    # empty Inductor cache (a fresh machine's compile); compiled in the worker's process (a pool of compile
+    # workers slows every later step: docs/benchmarks/compile.md)
+    scratch = tempfile.mkdtemp(prefix="bench-worker-")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONNOUSERSITE="1",
+               PYTHONWARNINGS="ignore", TQDM_DISABLE="1", TMPDIR=scratch,
+               TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, "inductor"), TORCHINDUCTOR_COMPILE_THREADS="1")
     if lib:
         env["LD_PRELOAD"] = lib
-    payload = {k: v for k, v in task.items() if k != "key"}
+    payload = {**{k: v for k, v in task.items() if k != "key"}, "compile": compiled(code)}
     t0 = time.perf_counter()
     try:
         r = subprocess.run([str(py), str(script), json.dumps(payload)], capture_output=True, text=True,
@@ -310,6 +340,8 @@ def run_worker(code: str, py: Path, task: dict, threads: int, timeout: float, lo
         stdout, stderr, rc = err.stdout or "", (err.stderr or "") + f"\nTIMEOUT after {timeout} s", -9
         stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
         stderr = stderr.decode() if isinstance(stderr, bytes) else stderr
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     logfile.write(f"===== {code} {task['key']} ({stamp['measured_utc']}, LD_PRELOAD={lib or '-'}, rc {rc}, "
                   f"{time.perf_counter() - t0:.0f} s)\n{stderr[-4000:]}\n")
     logfile.flush()
@@ -473,6 +505,30 @@ def ok(r) -> bool:
     return bool(r and r.get("ok"))
 
 
+def like_for_like(results: dict, codes: list[str], me: str, key: str) -> tuple[str | None, str | None]:
+    """The fastest peer rows of measure ``key`` with ``me``'s allocator: (in ``me``'s mode, eager or compiled;
+    in either mode), each a code or None."""
+    a = results.get((me, key))
+    same = [c for c in codes if split_code(c)[0] in PEERS and ok(a) and ok(results.get((c, key)))
+            and malloc_of(results[(c, key)]) == malloc_of(a)]
+
+    def fastest(cs):
+        return max(cs, key=lambda c: results[(c, key)]["throughput"]["median"]) if cs else None
+
+    return fastest([c for c in same if compiled(c) == compiled(me)]), fastest(same)
+
+
+def verdict(ratio: float) -> str:
+    """The throughput ratio against the target: met by how much above it, or missed by how much below."""
+    return f"met (+{ratio / TARGET - 1:.0%})" if ratio >= TARGET else f"missed by {1 - ratio / TARGET:.0%}"
+
+
+def one_off_s(r: dict) -> float | None:
+    """Seconds a row paid once (its first warm-up call, plus compiles outside the timed calls); None if the
+    row does not record it."""
+    return None if "first_call_s" not in r else r["first_call_s"] + sum((r.get("one_off") or {}).values())
+
+
 def write_report(out: Path, raw: dict) -> str:
     results = {(r.get("code"), r.get("measure")): r for r in raw["speed"]}
     accuracy, extra, mach = raw["accuracy"], raw["extra"], raw.get("machine", {})
@@ -491,10 +547,11 @@ def write_report(out: Path, raw: dict) -> str:
         # the ratios too, so that the CSV alone has the answer
         for me, (key, system, _) in [(me, m) for me in mine_codes for m in MEASURES]:
             mine = results.get((me, key))
-            for code in peers:
+            same_mode = like_for_like(results, codes, me, key)[0]
+            for code, kind in [(c, "ratio") for c in peers] + [(same_mode, "like_for_like")] * bool(same_mode):
                 peer = results.get((code, key))
                 if ok(mine) and ok(peer):
-                    w.writerow({"measure": f"{key}:ratio_{me}_over_peer", "system": system, "code": code,
+                    w.writerow({"measure": f"{key}:{kind}_{me}_over_peer", "system": system, "code": code,
                                 "unit": "x", "median": mine["throughput"]["median"] / peer["throughput"]["median"],
                                 "rss_step_mb": mine["rss_step_mb"] / max(peer["rss_step_mb"], 1e-9),
                                 "rss_peak_mb": mine["rss_peak_mb"] / peer["rss_peak_mb"]})
@@ -567,7 +624,8 @@ def write_report(out: Path, raw: dict) -> str:
     # ratios and targets
     L.append(f"## Ratios mfmlip / peer (throughput: higher is better; memory: step MB, lower is better) and the "
              f"{TARGET}x targets\n")
-    L.append("Each mfmlip row (with its allocator) against the peers as they run by default.\n")
+    L.append("Each mfmlip row (with its allocator) against the peers as they run by default (eager; against the "
+             "compiled peers in the like-for-like table below).\n")
     L.append("| measure | " + " | ".join(f"vs {label(c)}" for c in peers) + " | vs fastest peer | target met |")
     L.append("|---|" + "---|" * len(peers) + "---|---|")
     for me, key, system, title in [(me, *m) for me in mine_codes for m in MEASURES]:
@@ -596,18 +654,27 @@ def write_report(out: Path, raw: dict) -> str:
     L.append("")
     like = []
     for me, key, title in [(me, k, t) for me in mine_codes for k, _, t in MEASURES]:
-        a = results.get((me, key))
-        same = [c for c in codes if split_code(c)[0] in PEERS and ok(results.get((c, key)))
-                and ok(a) and malloc_of(results[(c, key)]) == malloc_of(a)]
-        if same:
-            c = max(same, key=lambda c: results[(c, key)]["throughput"]["median"])
-            b = results[(c, key)]
-            like.append(f"- {title}: {label(me)} / {label(c)}, both {malloc_of(a)}: "
-                        f"{a['throughput']['median'] / b['throughput']['median']:.2f}x, peak RSS "
-                        f"{a['rss_peak_mb']:.0f} vs {b['rss_peak_mb']:.0f} MB")
+        a, pair = results.get((me, key)), like_for_like(results, codes, me, key)
+        if not any(pair):
+            continue
+        cells = []
+        for c in pair:
+            ratio = c and a["throughput"]["median"] / results[(c, key)]["throughput"]["median"]
+            cells += [f"{ratio:.2f}x ({label(c)})", verdict(ratio)] if c else ["-", "-"]
+        b = results[(pair[0] or pair[1], key)]
+        like.append(f"| {title} | {label(me)} | {malloc_of(a)} | " + " | ".join(cells) + f" | {a['rss_peak_mb']:.0f} / "
+                    f"{b['rss_peak_mb']:.0f} | {fmt(one_off_s(a))} / {fmt(one_off_s(b))} |")
     if like:
-        L.append("Like for like: each mfmlip row against the fastest peer row with the same allocator "
-                 "(throughput ratio, peak RSS):\n")
+        L.append(f"## Like for like and the {TARGET}x target\n")
+        L.append("Each mfmlip row against the fastest peer row with the same allocator, in the same mode (eager "
+                 "against eager, compiled against compiled: `+compile`) and in either mode. 'met (+X %)' or "
+                 f"'missed by X %': how far the throughput ratio is above or below {TARGET}x. Peak RSS is "
+                 "against the same-mode row. One-off: seconds of the first warm-up call (for a compiled path the "
+                 "trace and compile happen in it) plus any compile outside the timed calls (NequIP's AOTInductor "
+                 "build of its calculator), not in the throughput.\n")
+        L.append("| measure | mfmlip row | allocator | vs same mode | target | vs fastest peer row | target | "
+                 "peak RSS MB (mfmlip / peer) | one-off s (mfmlip / peer) |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
         L += like + [""]
     # accuracy
     if accuracy:
@@ -680,9 +747,11 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["speed", "accuracy"], help="run only the speed part or only the accuracy part")
     p.add_argument("--codes", default=",".join(CODES),
                    help=f"comma-separated subset of {CODES}; CODE@ALLOCATOR forces the allocator a code does not "
-                        "use by default: mfmlip@system (glibc malloc), <peer>@tcmalloc")
+                        "use by default: mfmlip@system (glibc malloc), <peer>@tcmalloc; CODE+compile (before any "
+                        f"@ALLOCATOR) runs the compiled path of {', '.join(COMPILED)}")
     p.add_argument("--levers", action="store_true",
-                   help=f"also measure {LEVERS}: mfmlip with glibc malloc and the fastest peer with tcmalloc")
+                   help=f"also measure {LEVERS}: mfmlip with glibc malloc, the fastest peer with tcmalloc, and "
+                        "both compiled")
     p.add_argument("--merge", action="store_true",
                    help="replace only the measured codes' rows in --out/raw.json and keep the other codes' rows "
                         "(without it, the part that runs replaces all its rows)")
@@ -701,7 +770,8 @@ def main(argv=None) -> int:
     codes = [c.strip() for c in args.codes.split(",") if c.strip()]
     unknown = [c for c in codes if not known_code(c)]
     if unknown:
-        p.error(f"unknown codes {unknown}; choose from {CODES}, mfmlip@system, <peer>@tcmalloc")
+        p.error(f"unknown codes {unknown}; choose from {CODES}, mfmlip@system, <peer>@tcmalloc, "
+                f"{'/'.join(COMPILED)}+compile[@ALLOCATOR]")
     codes = ordered(codes + (LEVERS if args.levers else []))
     do_speed = args.only != "accuracy"
     do_acc = args.accuracy or args.only == "accuracy"
@@ -786,8 +856,8 @@ def main(argv=None) -> int:
                                                         tasks["accuracy"]["accuracy"]["test"])
         raw["accuracy"] = {c: a for c, a in raw["accuracy"].items() if kept(c)}
         with ThreadPoolExecutor(max_workers=max(1, args.accuracy_parallel)) as pool:
-            # CODE@ALLOCATOR rows are left out: the allocator changes the time, not the numbers
-            for code, r in pool.map(one, [c for c in codes if not split_code(c)[1]]):
+            # CODE@ALLOCATOR and CODE+compile rows are left out: they change the time, not the numbers
+            for code, r in pool.map(one, [c for c in codes if not split_code(c)[1] and not compiled(c)]):
                 raw["accuracy"][code] = r
     run["load_after"] = loadavg()
     run["other_cores"] = other_cores(cpu0, cpu_snapshot())

@@ -1,7 +1,9 @@
 """training.compile: the unrolled, compiled energy-and-forces graph gives the eager
 model's energies, forces, stress and weight gradients (the force loss's double
 backward included), for batches of other sizes than the traced one, and a run
-trained with it logs the losses and ends with the weights of an eager run."""
+trained with it logs the losses and ends with the weights of an eager run; in
+eval mode (inference) it gives the eager energies and forces, one structure
+included."""
 
 from __future__ import annotations
 
@@ -62,6 +64,19 @@ def test_the_unrolled_graph_gives_the_eager_outputs_and_weight_gradients(make_mo
     fast = compiled(batch, compute_forces=False)
     assert set(fast) == {K.ENERGY} and len(compiled._graphs) == 2
     _assert_same(model, fast, model(batch), (K.ENERGY,))
+
+
+@pytest.mark.parametrize("backend", [None, "inductor"])
+def test_inference_graphs_give_the_eager_energies_and_forces(make_model, backend):
+    model = make_model(lmax=1, channels=4, num_layers=1).eval()  # an l = 1 gate: sigmoid outputs
+    compiled = CompiledPotential(model, backend=backend)
+    for n_cells in (1, 3, 2, 1):  # one structure (a calculator's call) has a graph of its own, reused
+        batch = _batch(n_cells, model.cutoff)
+        fast, eager = compiled(batch), model(batch, compute_forces=True)
+        for key in (K.ENERGY, K.FORCES):
+            torch.testing.assert_close(fast[key], eager[key].detach(), rtol=1e-10, atol=1e-12, msg=key)
+        assert not fast[K.FORCES].requires_grad  # no graph to the weights
+    assert sorted(key[2] for key in compiled._graphs) == [False, True]
 
 
 def test_a_delta_model_compiles_with_its_base_frozen(make_model):

@@ -10,7 +10,12 @@ optimiser, timing, memory) is here, identical for every code.
 
 The task comes as one JSON argument; the result is printed as one line
 ``BENCH_JSON {...}`` on stdout. It names the malloc actually mapped into the
-process (``malloc``: tcmalloc when the driver preloaded it, else glibc).
+process (``malloc``: tcmalloc when the driver preloaded it, else glibc). With
+``"compile": true`` in the task the adapter takes the code's compiled path
+(``Adapter.compile``); every result has ``first_call_s``, the seconds of the
+first warm-up call (for a compiled path: the trace and compile that happen in
+it), and ``one_off``, the adapter's other one-off seconds (e.g. an
+ahead-of-time compile when the calculator is made).
 
 Memory is the resident set size of the worker process, read from
 ``/proc/self/status``: ``VmRSS`` when the model, data and optimiser are ready
@@ -148,6 +153,11 @@ class Adapter:
     """Subclass per code. ``model_cfg`` has cutoff, channels, lmax, layers."""
 
     name = "?"
+    compile = False  # the code's compiled path (set from the task by main)
+    task = "?"  # the task's name (set by main): a compiled path may differ for training and inference
+
+    def __init__(self):
+        self.one_off = {}  # one-off seconds outside the timed calls (e.g. an ahead-of-time compile), by name
 
     def version(self) -> str:
         raise NotImplementedError
@@ -192,8 +202,11 @@ def _timed(fn, warmup: int, reps: int, per_rep: int) -> tuple[list[float], dict]
     Returns the seconds per call of each repetition and the memory record.
     """
     mem = {"rss_base_mb": rss_mb()["rss"], "peak_reset": reset_peak_rss()}
-    for _ in range(warmup):
+    for i in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        if i == 0:
+            mem["first_call_s"] = time.perf_counter() - t0  # a compiled path traces and compiles here
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -377,6 +390,7 @@ def main(adapter: Adapter, extra_tasks: dict | None = None) -> None:
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(task.get("seed", 0))
     tasks = {**TASKS, **(extra_tasks or {})}
+    adapter.compile, adapter.task = bool(task.get("compile", False)), task["task"]
     t0 = time.perf_counter()
     try:
         result = tasks[task["task"]](adapter, task, torch)
@@ -387,7 +401,7 @@ def main(adapter: Adapter, extra_tasks: dict | None = None) -> None:
     result.update(
         code=adapter.name, version=_safe(adapter.version), task=task["task"], system=task.get("system"),
         torch=torch.__version__, threads=torch.get_num_threads(), wall_seconds=time.perf_counter() - t0,
-        malloc=loaded_malloc(),
+        malloc=loaded_malloc(), compile=adapter.compile, one_off=adapter.one_off,
     )
     print("BENCH_JSON " + json.dumps(result, default=_jsonable), flush=True)
 

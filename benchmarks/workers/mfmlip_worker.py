@@ -5,6 +5,13 @@ The model is ``MFPotential`` as mfmlip builds it by default (merged
 tensor-product paths, messages divided by sqrt(avg_num_neighbors)); nothing
 is changed here. Run by benchmarks/speed.py in the project's own interpreter,
 with tcmalloc preloaded or not as the driver decides.
+
+``mfmlip+compile`` (``Adapter.compile``): energy and forces through
+:class:`mfmlip.model.compiled.CompiledPotential` (make_fx + Inductor), as
+``training.compile: true`` trains; in eval mode its inference graphs (no
+``create_graph``, no graph to the weights). The calculator is
+:class:`CompiledCalculator`: ``MFCalculator``'s batch (neighbour list, graph)
+with the compiled energy and forces, since the shipped calculator is eager.
 """
 
 from __future__ import annotations
@@ -19,6 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import common
+from ase.calculators.calculator import Calculator, all_changes
+
+from mfmlip import keys as K
+from mfmlip.model.compiled import CompiledPotential
+from mfmlip.model.inference import intra_op_threads, threads_for
+from mfmlip.simulation.calculator import MFCalculator
 
 FIDELITY = "bench"
 
@@ -60,7 +73,9 @@ class MfmlipAdapter(common.Adapter):
         model = MFPotential(spec, e0=torch.full((1, len(species)), 0.0), energy_scale=stats["scale"])
         # the per-atom shift (about 0 after the E0 fit) goes into E0, as in mfmlip's training
         model.e0 += stats["shift"]
-        return model.to(torch.float32)
+        model = model.to(torch.float32)
+        self.compiled = CompiledPotential(model) if self.compile else None
+        return model
 
     def describe(self, model):
         return " / ".join(str(b.irreps_out) for b in model.blocks)
@@ -68,7 +83,6 @@ class MfmlipAdapter(common.Adapter):
     def batch(self, frames, model, stats):
         import torch
 
-        from mfmlip import keys as K
         from mfmlip.data.graph import collate, structure_to_graph, to_device
         from mfmlip.data.structures import Structure
 
@@ -85,17 +99,31 @@ class MfmlipAdapter(common.Adapter):
         return b
 
     def predict(self, model, batch, training):
-        from mfmlip import keys as K
-
         model.train(training)
-        out = model(batch, compute_forces=True)
+        out = (self.compiled or model)(batch, compute_forces=True)
         e_ref, f_ref = batch["_labels"]
         return out[K.ENERGY], out[K.FORCES], batch[K.N_ATOMS].to(out[K.ENERGY].dtype), e_ref, f_ref
 
     def calculator(self, model, stats, workdir):
-        from mfmlip.simulation.calculator import MFCalculator
+        make = CompiledCalculator if self.compile else MFCalculator
+        return make(model, fidelity=FIDELITY, device="cpu", dtype="float32")
 
-        return MFCalculator(model, fidelity=FIDELITY, device="cpu", dtype="float32")
+
+class CompiledCalculator(MFCalculator):
+    """``MFCalculator`` with energy and forces from :class:`CompiledPotential`'s one-structure
+    inference graph (traced and compiled at the first call); the same batch and threads."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(model, **kwargs)
+        self.compiled = CompiledPotential(self.model)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        Calculator.calculate(self, atoms, properties, system_changes)
+        batch = self.predictor.batch([self.atoms])
+        with intra_op_threads(threads_for(len(self.atoms), self.predictor.threads)):
+            out = self.compiled(batch, compute_forces=True)
+        energy = float(out[K.ENERGY].item())
+        self.results = {"energy": energy, "free_energy": energy, "forces": out[K.FORCES].numpy().astype(np.float64)}
 
 
 ADAPTER = MfmlipAdapter()

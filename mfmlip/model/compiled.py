@@ -58,22 +58,27 @@ def _drop_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 class CompiledPotential:
-    """``model(batch, compute_forces=..., compute_stress=...)`` for training, compiled.
+    """``model(batch, compute_forces=..., compute_stress=...)`` for training or inference, compiled.
 
     One graph per set of derivatives asked for (energy only for a batch of an
-    energy-only level, as the eager step does; energy and forces; and stress),
-    each traced on the first batch that asks for it. Sizes are symbolic, so
-    batches of other numbers of structures, atoms and edges reuse the graph; a
-    batch of one structure, atom or edge runs eagerly, as a trace fixes such
-    sizes. A trace and compile cost minutes on a CPU (the main job: ~0.5 min
-    trace, ~3 min compile on one core) and pay back over many steps
+    energy-only level, as the eager step does; energy and forces; and stress)
+    and per mode of ``model`` (training or eval), each traced on the first
+    batch that asks for it. Sizes are symbolic, so batches of other numbers of
+    structures, atoms and edges reuse the graph; as a trace fixes sizes 0 and
+    1, a batch of one atom or edge runs eagerly, and so does a batch of one
+    structure in training. In eval mode one structure (a calculator's or MD's
+    every call) gets a graph of its own, with that size fixed. A trace and
+    compile cost minutes on a CPU (the main job: ~0.5 min trace, ~3 min
+    compile on one core) and pay back over many steps
     (docs/benchmarks/compile.md). Weights and buffers are read from ``model``
     at every call, so optimiser steps and loaded checkpoints are seen.
 
     Parameters
     ----------
-    model : an :class:`~mfmlip.model.interface.Potential` in training mode
-        (its forces keep their graph for the force loss).
+    model : an :class:`~mfmlip.model.interface.Potential`. In training mode its
+        forces keep their graph for the force loss; in eval mode (inference)
+        the graph runs under ``torch.no_grad``: forces without
+        ``create_graph``, outputs without a graph to the weights.
     backend : ``torch.compile`` backend (``"inductor"`` fuses), or None to run
         the unrolled graph as it is.
 
@@ -81,13 +86,13 @@ class CompiledPotential:
     -------
     ``{"energy": (n_graphs,) eV}``, with ``"forces": (n_atoms, 3) eV/A`` if
     ``compute_forces`` and ``"stress": (n_graphs, 3, 3) eV/A^3`` if
-    ``compute_stress``; equal to the eager model's to float round-off,
-    derivatives with respect to the weights included.
+    ``compute_stress``; equal to the eager model's to float round-off, in
+    training derivatives with respect to the weights included.
     """
 
     def __init__(self, model: Potential, backend: str | None = "inductor"):
         self.model, self.backend = model, backend
-        self._graphs: dict[tuple[bool, bool], object] = {}
+        self._graphs: dict[tuple, object] = {}  # (derivatives, training, one structure) -> graph
         self.trace_seconds = 0.0  # of the make_fx traces (each compile happens in the first call after it)
 
     @staticmethod
@@ -116,12 +121,16 @@ class CompiledPotential:
     def __call__(self, batch: dict, compute_forces: bool = True, compute_stress: bool = False) -> dict:
         derivatives = (compute_forces or compute_stress, compute_stress)  # stress comes with forces
         outputs = self._outputs(derivatives)
-        sizes = (batch[K.N_ATOMS].shape[0], batch[K.POSITIONS].shape[0], batch[K.EDGE_INDEX].shape[1])
-        if min(sizes) < 2:  # a trace fixes sizes 0 and 1: such batches (rare, small) run eagerly
+        training, n_graphs = self.model.training, batch[K.N_ATOMS].shape[0]
+        # a trace fixes sizes 0 and 1: such batches (rare, small) run eagerly, but for one structure in
+        # inference, which gets a graph of its own
+        if min(batch[K.POSITIONS].shape[0], batch[K.EDGE_INDEX].shape[1]) < 2 or n_graphs < (2 if training else 1):
             out = self.model(batch, compute_forces=derivatives[0], compute_stress=derivatives[1])
             return {k: out[k] for k in outputs}
+        key = (derivatives, training, n_graphs == 1)
         weights = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
         tensors = [batch[k] for k in INPUTS]
-        if derivatives not in self._graphs:
-            self._graphs[derivatives] = self._trace(derivatives, weights, tensors)
-        return dict(zip(outputs, self._graphs[derivatives](weights, *tensors)))
+        with contextlib.nullcontext() if training else torch.no_grad():  # inference: no graph to the weights
+            if key not in self._graphs:
+                self._graphs[key] = self._trace(derivatives, weights, tensors)
+            return dict(zip(outputs, self._graphs[key](weights, *tensors)))
