@@ -139,6 +139,12 @@ class ReplayConfig(StrictModel):
     seed: int = 0
 
 
+def normalised_shares(shares: dict[str, float]) -> dict[str, float]:
+    """``{fidelity: share}`` scaled to sum 1 (``training.sampling``, ``training.stage_two.sampling``)."""
+    total = sum(shares.values())
+    return {k: s / total for k, s in shares.items()}
+
+
 class StageTwo(StrictModel):
     """``training.stage_two``: from epoch ``start_epoch`` (0-based) to the end, train with
     other loss weights and sampling shares (the learning rate keeps its schedule).
@@ -160,7 +166,7 @@ class StageTwo(StrictModel):
     @field_validator("sampling")
     @classmethod
     def _normalised(cls, v):
-        return {k: s / sum(v.values()) for k, s in v.items()}
+        return normalised_shares(v)
 
 
 class TrainingConfig(StrictModel):
@@ -227,8 +233,7 @@ class TrainingConfig(StrictModel):
     @field_validator("sampling")
     @classmethod
     def _normalised(cls, v):
-        total = sum(v.values())
-        return {k: s / total for k, s in v.items()}
+        return normalised_shares(v)
 
     @field_validator("decay_over")
     @classmethod
