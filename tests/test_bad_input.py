@@ -788,6 +788,17 @@ def test_evaluate_without_labels_says_so_and_writes_predictions_if_asked(tmp_pat
     assert (out / "metrics_mace_PBE.json").is_file()
 
 
+def test_a_closed_output_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    import mfmlip.cli.main as cli
+
+    def reader_left(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_info", reader_left)
+    assert main(["info", "m.pt"]) == 1
+    assert capsys.readouterr().err == ""
+
+
 def test_an_unexpected_error_in_a_command_ends_in_a_message_not_a_traceback(monkeypatch, capsys):
     import mfmlip.cli.main as cli
 

@@ -174,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind stdout (captured output)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; ``argv=None`` (the console script) reads ``sys.argv``, may
     re-execute under tcmalloc first and otherwise tunes glibc's allocator
@@ -188,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+    except BrokenPipeError:  # the reader of stdout left (`mfmlip info M | head -1`): stop quietly
+        _silence_stdout()
+        return 1
     except (ConfigError, DataError, OSError, FloatingPointError, ValueError) as err:
         print(f"mfmlip {args.command}: error: {err}", file=sys.stderr)
         return 2
