@@ -176,10 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # no file descriptor behind stdout (captured output)
         pass
+    finally:
+        os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
