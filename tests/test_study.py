@@ -18,6 +18,7 @@ import yaml
 from mfmlip.cli.main import main
 from mfmlip.study import load_study
 from mfmlip.study.plan import CachedReader, fingerprint, plan_study
+from mfmlip.training.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "examples" / "studies"
@@ -186,3 +187,16 @@ def test_an_equal_wall_time_budget_gives_each_stage_of_a_two_stage_method_half(t
     for method in ("transfer", "delta"):
         assert budget[method] == (5.0, 3, "val_energy_mae/CCSD(T)/CBS")
     assert budget["low"] == (5.0, 3, "val_loss")  # the low-level run has no CCSD(T) to monitor
+
+
+def test_sampling_shares_reach_each_run_for_its_own_fidelities(tmp_path, data_dir):
+    path = tiny_study(tmp_path, training={"sampling": {"CCSD(T)/CBS": 0.5, "GFN2-xTB": 0.5}})
+    plan = plan_study(load_study(path).reduced(), data_dir, CachedReader())
+    shares = {r.method: r.config.training.sampling for r in plan.runs}
+    assert shares["heads"] == {"CCSD(T)/CBS": 0.5, "GFN2-xTB": 0.5}
+    for method in ("single_fidelity", "transfer", "delta", "low"):  # one fidelity each: plain epochs
+        assert shares[method] == {}
+    (tmp_path / "typo").mkdir()
+    typo = tiny_study(tmp_path / "typo", training={"sampling": {"CCSD(T)": 0.5, "GFN2-xTB": 0.5}})
+    with pytest.raises(ConfigError, match="training.sampling"):
+        plan_study(load_study(typo).reduced(), data_dir, CachedReader())

@@ -144,6 +144,7 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     if base_fidelity not in low_fidelities:
         raise ConfigError(f"options.base_fidelity {base_fidelity!r}: the low levels are {low_fidelities}")
     check_fidelity_names(cfg.training.fidelity_weights, [*low_fidelities, high_fidelity])
+    check_fidelity_names(cfg.training.sampling, [*low_fidelities, high_fidelity], "training.sampling")
     levels = (low_fidelities, high_fidelity)
 
     runs = []
@@ -219,10 +220,12 @@ def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, share
     """One run's training config, written to ``folder/config.yaml`` unless the
     folder holds a started run (whose stored config its resume compares with).
     ``share`` of the budget (``training.max_steps``, and ``max_time_minutes``
-    if set). ``fidelities`` are the run's data's: ``fidelity_weights`` keeps
-    only those, and a ``monitor`` of another fidelity becomes ``val_loss``."""
+    if set). ``fidelities`` are the run's data's: ``fidelity_weights`` and
+    ``sampling`` keep only those (no shares with one fidelity left), and a
+    ``monitor`` of another fidelity becomes ``val_loss``."""
     t = cfg.training
     weights = {name: w for name, w in t.fidelity_weights.items() if name in fidelities}
+    shares = {name: s for name, s in t.sampling.items() if name in fidelities}
     steps = max(1, int(t.max_steps * share))
     budget = {"max_steps": steps}
     if t.max_time_minutes:
@@ -238,7 +241,7 @@ def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, share
         training=t.model_copy(update={
             **budget, "max_epochs": MAX_EPOCHS,
             "val_interval_steps": t.val_interval_steps or max(1, steps // 20), "fidelity_weights": weights,
-            **training,
+            "sampling": shares if len(shares) > 1 else {}, **training,
         }),
     )
     folder.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,10 @@ def write_report(cfg: StudyConfig, plan, statuses: dict) -> Path:
     return out
 
 
+def _shares(sampling: dict[str, float]) -> str:
+    return ", ".join(f"{name} {share:.0%}" for name, share in sampling.items())
+
+
 def _budget(t) -> str:
     if not t.max_time_minutes:
         return f"{t.max_steps} optimiser steps"
@@ -146,6 +150,8 @@ def markdown(cfg: StudyConfig, plan, rows: list[dict]) -> str:
         *([f"- Selections of the high-level subset: {', '.join(cfg.grid.selections)} (random unless named "
            "in brackets; DIRECT and narrow encode the pool with the seed's low-level model)."]
           if cfg.grid.selections != ["random"] else []),
+        *([f"- Draws per level: {_shares(t.sampling)} (renormalised over each run's levels; a run of one "
+           "level draws each structure once per epoch)."] if t.sampling else []),
         f"- Model: {m.channels} channels, lmax {m.lmax}, {m.num_layers} layers, cutoff {m.cutoff} Å, {m.dtype}.", "",
     ]
     if t.max_time_minutes and any(r["steps"] != "" for r in rows):
