@@ -66,6 +66,19 @@ def test_the_unrolled_graph_gives_the_eager_outputs_and_weight_gradients(make_mo
     _assert_same(model, fast, model(batch), (K.ENERGY,))
 
 
+def test_the_graph_does_not_depend_on_the_data_statistics(make_model):
+    # Inductor's cache keys on the graph: a constant from the data (neighbour count, E0, energy
+    # scale) would make every data set compile anew, as each study run did
+    batch = _batch(2, 4.0)
+    codes = []
+    for avg, scale in ((10.0, 1.0), (37.5, 0.3)):
+        model = make_model(avg_num_neighbors=avg, energy_scale=scale, e0=torch.full((2, 1), -avg)).train()
+        compiled = CompiledPotential(model, backend=None)
+        compiled(batch)
+        codes.append(next(iter(compiled._graphs.values())).code)
+    assert codes[0] == codes[1]
+
+
 @pytest.mark.parametrize("backend", [None, "inductor"])
 def test_inference_graphs_give_the_eager_energies_and_forces(make_model, backend):
     model = make_model(lmax=1, channels=4, num_layers=1).eval()  # an l = 1 gate: sigmoid outputs

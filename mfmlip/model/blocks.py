@@ -54,7 +54,10 @@ class Interaction(torch.nn.Module):
         extra_post: int = 0,
     ):
         super().__init__()
-        self.message_norm = float(avg_num_neighbors) ** -0.5
+        # a buffer, not a float: a float would be a constant of the compiled graph, so every data set's
+        # neighbour count would miss Inductor's cache and compile anew (docs/benchmarks/compile.md)
+        self.register_buffer("message_norm", torch.tensor(float(avg_num_neighbors) ** -0.5, dtype=torch.float64),
+                             persistent=False)
         self.linear_pre = o3.Linear(irreps_in + o3.Irreps(f"{extra_pre}x0e"), irreps_in)
         # paths with the same output irrep share one slot: a 4x narrower message (benchmarks/)
         outs = [ir for _, ir in irreps_target]
