@@ -97,9 +97,10 @@ class MFPotential(Potential):
         heads = self.readout(append(h, self.fidelity.at("readout", feats)))
         atomic = self.fidelity.select(heads, fid_atom) * self.energy_scale + self.e0[fid_atom, species].to(h.dtype)
         n_graphs = batch[K.N_ATOMS].shape[0]
-        energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device).index_add(
-            0, graph_of_atom, atomic
-        )
+        if n_graphs == 1:  # a sum: Inductor's scatter into a buffer of size 1 fails on 2 threads (benchmarks README)
+            energy = atomic.sum(0, keepdim=True)
+        else:
+            energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device).index_add(0, graph_of_atom, atomic)
         return {K.ENERGY: energy, K.ATOMIC_ENERGY: atomic, K.NODE_FEATURES: h}
 
     def e0_table(self) -> np.ndarray:
