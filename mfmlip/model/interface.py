@@ -43,6 +43,15 @@ def fidelity_index(fidelities: list[str], name: str | None) -> int:
     return list(fidelities).index(name)
 
 
+def structure_energies(atomic: torch.Tensor, graph_of_atom: torch.Tensor, n_graphs: int) -> torch.Tensor:
+    """Per-structure energies ``(n_graphs,)`` eV: the sum of ``atomic`` ``(n_atoms,)`` eV over the
+    atoms of each structure (``graph_of_atom`` ``(n_atoms,)``). One structure is a plain sum:
+    Inductor's scatter into a buffer of size 1 fails on 2 threads (docs/benchmarks/README.md)."""
+    if n_graphs == 1:
+        return atomic.sum(0, keepdim=True)
+    return torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device).index_add(0, graph_of_atom, atomic)
+
+
 class Potential(torch.nn.Module):
     """Base class of every mfmlip potential (:class:`~mfmlip.model.MFPotential`,
     :class:`~mfmlip.model.DeltaPotential`, :class:`~mfmlip.model.SevenNetPotential`).

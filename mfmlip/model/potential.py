@@ -14,7 +14,7 @@ from e3nn import o3
 from mfmlip import keys as K
 from mfmlip.model.blocks import Interaction, Readout, append, hidden_irreps
 from mfmlip.model.fidelity import build_conditioning
-from mfmlip.model.interface import Potential
+from mfmlip.model.interface import Potential, structure_energies
 from mfmlip.model.radial import RadialBasis
 from mfmlip.model.spec import ModelSpec
 
@@ -96,11 +96,7 @@ class MFPotential(Potential):
             h = block(h, sh, radial, batch[K.EDGE_INDEX], pre, post)
         heads = self.readout(append(h, self.fidelity.at("readout", feats)))
         atomic = self.fidelity.select(heads, fid_atom) * self.energy_scale + self.e0[fid_atom, species].to(h.dtype)
-        n_graphs = batch[K.N_ATOMS].shape[0]
-        if n_graphs == 1:  # a sum: Inductor's scatter into a buffer of size 1 fails on 2 threads (benchmarks README)
-            energy = atomic.sum(0, keepdim=True)
-        else:
-            energy = torch.zeros(n_graphs, dtype=atomic.dtype, device=atomic.device).index_add(0, graph_of_atom, atomic)
+        energy = structure_energies(atomic, graph_of_atom, batch[K.N_ATOMS].shape[0])
         return {K.ENERGY: energy, K.ATOMIC_ENERGY: atomic, K.NODE_FEATURES: h}
 
     def e0_table(self) -> np.ndarray:

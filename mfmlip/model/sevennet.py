@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mfmlip import keys as K
-from mfmlip.model.interface import Potential
+from mfmlip.model.interface import Potential, structure_energies
 
 PREFIX = "sevenn:"
 EXTRA = 'pip install "mfmlip[sevenn]"'
@@ -189,8 +189,7 @@ class SevenNetPotential(Potential):
                 for key in {module.key_output, module.key_additional_output} - {None}:
                     data[key] = data[key].to(positions.dtype)
         atomic = data[SK.ATOMIC_ENERGY].reshape(-1)
-        energy = torch.zeros(batch[K.N_ATOMS].shape[0], dtype=atomic.dtype, device=atomic.device)
-        energy = energy.index_add(0, graph_of_atom, atomic)
+        energy = structure_energies(atomic, graph_of_atom, batch[K.N_ATOMS].shape[0])
         return {K.ENERGY: energy, K.ATOMIC_ENERGY: atomic,
                 K.NODE_FEATURES: features if features is not None else atomic[:, None]}
 

@@ -143,8 +143,8 @@ def plan_study(cfg: StudyConfig, root: Path, reader=read_structures) -> Plan:
     base_fidelity = cfg.options.base_fidelity or low_fidelities[0]
     if base_fidelity not in low_fidelities:
         raise ConfigError(f"options.base_fidelity {base_fidelity!r}: the low levels are {low_fidelities}")
-    check_fidelity_names(cfg.training.fidelity_weights, [*low_fidelities, high_fidelity])
-    check_fidelity_names(cfg.training.sampling, [*low_fidelities, high_fidelity], "training.sampling")
+    for key in ("fidelity_weights", "sampling"):
+        check_fidelity_names(getattr(cfg.training, key), [*low_fidelities, high_fidelity], f"training.{key}")
     levels = (low_fidelities, high_fidelity)
 
     runs = []
@@ -224,8 +224,8 @@ def _config(cfg: StudyConfig, folder: Path, files, scheme: str, seed: int, share
     ``sampling`` keep only those (no shares with one fidelity left), and a
     ``monitor`` of another fidelity becomes ``val_loss``."""
     t = cfg.training
-    weights = {name: w for name, w in t.fidelity_weights.items() if name in fidelities}
-    shares = {name: s for name, s in t.sampling.items() if name in fidelities}
+    weights, shares = ({name: v for name, v in d.items() if name in fidelities}
+                       for d in (t.fidelity_weights, t.sampling))
     steps = max(1, int(t.max_steps * share))
     budget = {"max_steps": steps}
     if t.max_time_minutes:
