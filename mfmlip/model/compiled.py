@@ -57,6 +57,18 @@ def _drop_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return graph
 
 
+def _cpu_options() -> dict:
+    """Inductor's options for a CPU graph (docs/benchmarks/compile.md); a ``TORCHINDUCTOR_*``
+    variable of the same name wins."""
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        # compile in this process: Inductor's pool of compile workers, left running, made every later
+        # CPU step 1.75x slower and the compile itself slower
+        torch._inductor.config.compile_threads = 1
+    # kernels launched from C++, not Python: the main job's graph compiled in 15-25 % less time and
+    # its steps took 5-16 % less (session 15)
+    return {} if "TORCHINDUCTOR_CPP_WRAPPER" in os.environ else {"cpp_wrapper": True}
+
+
 class CompiledPotential:
     """``model(batch, compute_forces=..., compute_stress=...)`` for training or inference, compiled.
 
@@ -107,16 +119,15 @@ class CompiledPotential:
                                   {"compute_forces": forces, "compute_stress": stress})
             return tuple(out[k] for k in outputs)
 
-        if tensors[0].device.type == "cpu" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-            # compile in this process: Inductor's pool of compile workers, left running, made every later
-            # CPU step 1.75x slower and the compile itself slower (docs/benchmarks/compile.md)
-            torch._inductor.config.compile_threads = 1
         start, frozen = time.perf_counter(), {k: v.detach() for k, v in weights.items()}
         with traceable(self.model):
             graph = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(frozen, *tensors)
         graph = _drop_detach(graph)
         self.trace_seconds += time.perf_counter() - start
-        return graph if self.backend is None else torch.compile(graph, backend=self.backend, dynamic=True)
+        if self.backend is None:
+            return graph
+        options = _cpu_options() if self.backend == "inductor" and tensors[0].device.type == "cpu" else None
+        return torch.compile(graph, backend=self.backend, dynamic=True, options=options)
 
     def __call__(self, batch: dict, compute_forces: bool = True, compute_stress: bool = False) -> dict:
         derivatives = (compute_forces or compute_stress, compute_stress)  # stress comes with forces
