@@ -80,7 +80,7 @@ class CompiledPotential:
     1, a batch of one atom or edge runs eagerly, and so does a batch of one
     structure in training. In eval mode one structure (a calculator's or MD's
     every call) gets a graph of its own, with that size fixed. A trace and
-    compile cost minutes on a CPU (the main job: ~0.5 min trace, ~3 min
+    compile cost minutes on a CPU (the main job: ~0.3 min trace, ~2.5 min
     compile on one core) and pay back over many steps
     (docs/benchmarks/compile.md). Weights and buffers are read from ``model``
     at every call, so optimiser steps and loaded checkpoints are seen.
