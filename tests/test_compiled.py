@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from mfmlip import keys as K
 from mfmlip.data.graph import atoms_to_batch, collate
 from mfmlip.model import DeltaPotential
-from mfmlip.model.compiled import CompiledPotential
+from mfmlip.model.compiled import CompiledPotential, _cpu_options
 from mfmlip.model.interface import Potential
 from mfmlip.training.config import ConfigError, TrainingConfig
 from mfmlip.training.module import MFLightningModule
@@ -31,11 +31,6 @@ def _batch(n_cells: int, cutoff: float) -> dict:
         cells.append(atoms_to_batch(atoms, cutoff, fidelity_index=k % 2))
     batch = collate(cells) if n_cells > 1 else cells[0]
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-
-
-def _loss_and_gradients(model, out):
-    loss = (out[K.ENERGY] ** 2).sum() + (out[K.FORCES] ** 2).sum() + (out[K.STRESS] ** 2).sum()
-    return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
 
 
 def _assert_same(model, fast, eager, keys):
@@ -133,3 +128,10 @@ def test_what_compile_cannot_do_is_refused(make_model):
 
     with pytest.raises(ConfigError, match="mfmlip's own models only, not Other"):
         MFLightningModule(Other([1], ["PBE"], 4.0), TrainingConfig(compile=True), [[1.0, 1.0, 0.0]])
+
+
+def test_cpu_graphs_launch_their_kernels_from_cpp_unless_the_environment_decides(monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CPP_WRAPPER", raising=False)
+    assert _cpu_options() == {"cpp_wrapper": True}
+    monkeypatch.setenv("TORCHINDUCTOR_CPP_WRAPPER", "0")  # the A/B switch of docs/benchmarks/compile.md
+    assert _cpu_options() == {}

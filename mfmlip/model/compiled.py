@@ -64,7 +64,7 @@ def _cpu_options() -> dict:
         # compile in this process: Inductor's pool of compile workers, left running, made every later
         # CPU step 1.75x slower and the compile itself slower
         torch._inductor.config.compile_threads = 1
-    # kernels launched from C++, not Python: the main job's graph compiled in 15-25 % less time and
+    # kernels launched from C++, not Python: the main job's graph compiled in 14-25 % less time and
     # its steps took 5-16 % less (session 15)
     return {} if "TORCHINDUCTOR_CPP_WRAPPER" in os.environ else {"cpp_wrapper": True}
 
