@@ -58,8 +58,8 @@ def _drop_detach(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def _cpu_options() -> dict:
-    """Inductor's options for a CPU graph (docs/benchmarks/compile.md); a ``TORCHINDUCTOR_*``
-    variable of the same name wins."""
+    """Inductor's options for a CPU graph, and its process-wide ``compile_threads = 1``
+    (docs/benchmarks/compile.md); a ``TORCHINDUCTOR_*`` variable of the same name wins."""
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         # compile in this process: Inductor's pool of compile workers, left running, made every later
         # CPU step 1.75x slower and the compile itself slower
