@@ -249,6 +249,37 @@ def test_training_with_ema_writes_a_working_model(tmp_path, data_dir, capsys):
     assert abs(atoms.get_potential_energy() - reference) < 5.0  # eV; E0 puts it on the right scale
 
 
+def test_the_cached_list_ema_gives_the_weights_of_lightnings_averaging(tmp_path, data_dir, monkeypatch):
+    from lightning.pytorch.callbacks import WeightAveraging
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    import mfmlip.training.run as run
+
+    def trained(name):
+        cfg = {
+            "seed": 3, "output_dir": str(tmp_path / name),
+            "data": {"root": str(data_dir), "files": [{
+                "path": "malonaldehyde/GFN2-xTB.extxyz", "index": "0:50", "split": {"train": 40, "val": 10}}]},
+            "model": {"cutoff": 4.0, "channels": 8, "lmax": 1, "num_layers": 1, "dtype": "float64"},
+            "training": {"batch_size": 10, "max_epochs": 3, "ema_decay": 0.7},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return torch.load(train(path), weights_only=False)["state_dict"]
+
+    ours = trained("ours")
+    monkeypatch.setattr(run, "ExponentialAverage",
+                        lambda decay: WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(decay)))
+    reference = trained("reference")
+    assert ours.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-12, atol=1e-14, msg=name)
+    last = torch.load(tmp_path / "ours" / "checkpoints" / "last.ckpt", weights_only=False)
+    current, averaged = last["current_model_state"], last["state_dict"]
+    moved = [n for n, v in averaged.items() if v.is_floating_point() and not torch.equal(v, current[n])]
+    assert moved  # the average is not the last weights: it did average
+
+
 def test_evaluate_reports_stress_when_labels_have_it(make_model, si_cell):
     model = make_model(species=(14,), fidelities=("PBE",))
     structures = []

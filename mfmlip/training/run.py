@@ -13,10 +13,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from mfmlip import keys as K
 from mfmlip.analysis.evaluate import evaluate, parity_plot
@@ -35,12 +34,15 @@ from mfmlip.model.spec import ModelSpec
 from mfmlip.training.checkpoint import AtomicCheckpointIO, LastCheckpointEveryEpoch
 from mfmlip.training.checks import check_device, check_training_fidelities, label_counts
 from mfmlip.training.config import Config, ConfigError, load_config, resolve_data_root
+from mfmlip.training.ema import ExponentialAverage
 from mfmlip.training.data import (
     EpochShuffle, GraphDataModule, average_neighbors, epoch_passes, prepare_data, subtract_base, training_statistics,
 )
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
-from mfmlip.training.parallel import check_parallel, lead_process, set_process_threads, strategy, world_size
+from mfmlip.training.parallel import (
+    adopt_node_processes, check_parallel, lead_process, node_processes, set_process_threads, strategy, world_size,
+)
 from mfmlip.training.replay import replay_splits
 from mfmlip.training.sampler import FidelityShareSampler, RankShard, TwoStageOrder
 from mfmlip.training.rundir import prepare_output_dir, write_run_config
@@ -157,9 +159,7 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         progress_callback(n_batches),
     ]
     if t.ema_decay:
-        # EMA of the weights; the foreach update (one call for all tensors): Lightning's
-        # EMAWeightAveraging loops over them in Python, 5 % of a compiled step
-        callbacks.append(WeightAveraging(multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)))
+        callbacks.append(ExponentialAverage(t.ema_decay))
     # step-wise validation; a max_steps budget shorter than an epoch validates once, at its end
     interval = t.val_interval_steps or (t.max_steps if t.max_steps and t.max_steps < n_batches else None)
     if not interval:  # with step-wise validation, last.ckpt follows the validations
@@ -225,38 +225,14 @@ def train(
     check_parallel(cfg)
     set_process_threads(cfg.training)
     lead = lead_process()
-    if lead:  # the other processes of a multi-process run start once this one trains
+    if lead:  # before the other processes of a multi-process run start
         prepare_output_dir(cfg, out, root, resume, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
-    data = prepare_data(cfg, root, reader)
-    if not cfg.training.init_from:  # else once the model's fidelities are known
-        check_training_fidelities(cfg.training, data.fidelities)
-    if lead:
-        write_run_config(cfg, out, root)
-        print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
-    base = _delta_base(cfg, data)
-    stats = training_statistics(data, cfg)
-    initial, original = _init_from_model(cfg, data) if cfg.training.init_from else (None, [])
-    n_own = len(data.splits["train"])
-    if initial is not None:
-        check_training_fidelities(cfg.training, initial.fidelities)
-        data.fidelities = initial.fidelities  # graphs index the model's fidelity list
-        _add_replay(cfg, data, initial.to(getattr(torch, cfg.model.dtype)), original, root, reader)
-    cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
-    t = cfg.training
-    train_set = data.dataset("train", cutoff)
-    model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_set))
-    weights = [[t.weights_for(f, stage) for f in data.fidelities] for stage in (1, 2)]
-    # train mode: a loaded init_from model comes in eval mode, whose forces keep no graph
-    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, *weights)
-    freeze(module.model, t.freeze)
-    module.train_structures = data.splits["train"]
-    order = _train_order(cfg, data, train_set, n_own)
-    loaders = GraphDataModule(train_set, data.dataset("val", cutoff), order, t.batch_size, t.eval_batch_size,
-                              t.num_workers)
-    trainer = _trainer(cfg, out, len(RankShard(order, t.batch_size, 0, world_size(t))) // t.batch_size)
+    with node_processes(cfg.training, lead) as children:  # they read the data while this process does
+        data, base, module, loaders, trainer = _setup_fit(cfg, out, root, reader, lead)
+        adopt_node_processes(trainer, children)
     ckpt_path = _checkpoint_to_resume(out, resume, lead)
     try:
         trainer.fit(module, datamodule=loaders, ckpt_path=ckpt_path)
@@ -289,6 +265,38 @@ def train(
         _test_report(model, data, cfg, out)
     print(f"total time {time.time() - started:.0f} s", flush=True)
     return model_path
+
+
+def _setup_fit(cfg: Config, out: Path, root: Path, reader, lead: bool):
+    """The data, the delta base (or None), the Lightning module, its data module and the trainer."""
+    data = prepare_data(cfg, root, reader)
+    if not cfg.training.init_from:  # else once the model's fidelities are known
+        check_training_fidelities(cfg.training, data.fidelities)
+    if lead:
+        write_run_config(cfg, out, root)
+        print("\n".join(["data:"] + [f"  {line}" for line in data.report]), flush=True)
+    base = _delta_base(cfg, data)
+    stats = training_statistics(data, cfg)
+    initial, original = _init_from_model(cfg, data) if cfg.training.init_from else (None, [])
+    n_own = len(data.splits["train"])
+    if initial is not None:
+        check_training_fidelities(cfg.training, initial.fidelities)
+        data.fidelities = initial.fidelities  # graphs index the model's fidelity list
+        _add_replay(cfg, data, initial.to(getattr(torch, cfg.model.dtype)), original, root, reader)
+    cutoff = initial.cutoff if initial is not None else cfg.model.cutoff
+    t = cfg.training
+    train_set = data.dataset("train", cutoff)
+    model = initial if initial is not None else _fresh_model(cfg, data, stats, average_neighbors(train_set))
+    weights = [[t.weights_for(f, stage) for f in data.fidelities] for stage in (1, 2)]
+    # train mode: a loaded init_from model comes in eval mode, whose forces keep no graph
+    module = MFLightningModule(model.to(getattr(torch, cfg.model.dtype)).train(), t, *weights)
+    freeze(module.model, t.freeze)
+    module.train_structures = data.splits["train"]
+    order = _train_order(cfg, data, train_set, n_own)
+    loaders = GraphDataModule(train_set, data.dataset("val", cutoff), order, t.batch_size, t.eval_batch_size,
+                              t.num_workers)
+    trainer = _trainer(cfg, out, len(RankShard(order, t.batch_size, 0, world_size(t))) // t.batch_size)
+    return data, base, module, loaders, trainer
 
 
 def _add_replay(cfg: Config, data, model: Potential, original: list[str], root: Path, reader) -> None:
