@@ -11,9 +11,11 @@ processes of a node itself (``mfmlip train CONFIG``), or finds them started by
 from __future__ import annotations
 
 import logging
+import signal
 from contextlib import contextmanager
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import Callback
 
 from mfmlip.training.config import Config, ConfigError, TrainingConfig
 
@@ -100,19 +102,27 @@ def node_processes(training: TrainingConfig, lead: bool):
     process after the other). Only the lead process of a ``ddp`` run that
     ``mfmlip train`` starts itself (not srun or torchrun) starts any, with
     Lightning's own launcher; the trainer's fit then finds them started (Lightning
-    reads ``LOCAL_RANK``). An error before the fit kills them.
+    reads ``LOCAL_RANK``). An error before the fit kills them; so does a SIGTERM
+    before the fit's training starts (exit 143: here by this context, within
+    the fit by Lightning's handling of the exception).
 
     Yields
     ------
     list of subprocess.Popen : the started processes, for :func:`adopt_node_processes`.
     """
     children = _start_node_processes(training) if lead else []
+    if children:  # a SIGTERM until SigtermAtStepEnd takes over: exit 143, the children killed with it
+        signal.signal(signal.SIGTERM, _exit_143)
     try:
         yield children
     except BaseException:
         for child in children:
             child.kill()
         raise
+
+
+def _exit_143(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def adopt_node_processes(trainer, children: list) -> None:
@@ -130,7 +140,8 @@ def _start_node_processes(training: TrainingConfig) -> list:
     if world_size(training) == 1 or not isinstance(chosen, DDPStrategy):
         return []
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    level, _ = quiet.level, quiet.setLevel(logging.WARNING)  # the fit's trainer reports the devices
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the fit's trainer reports the devices
     try:
         launcher = L.Trainer(accelerator=training.device, devices=training.devices, num_nodes=training.num_nodes,
                              strategy=chosen, logger=False, enable_checkpointing=False,
@@ -141,3 +152,31 @@ def _start_node_processes(training: TrainingConfig) -> list:
         return []
     launcher.launch(lambda: None)
     return list(launcher.procs)
+
+
+class SigtermAtStepEnd(Callback):
+    """SIGTERM in a multi-process run only marks the trainer as signalled (and, in
+    the lead process, is forwarded to the node's other processes); Lightning's
+    per-step broadcast of that mark then stops every process after the same
+    step, and ``mfmlip train`` exits with 143 and a ``--resume`` hint.
+
+    Lightning 2.6's own handler also broadcasts from inside the signal handler.
+    When the signal lands while a process waits in another collective (the
+    validation's metric sync), the processes wait for each other forever:
+    1 in 3 SIGTERMs to the lead of a two-process CPU run hung (3 Dec 2026,
+    Lightning 2.6.6; the deadlock Lightning-AI/pytorch-lightning#20806 and
+    #20825 set out to fix). Installed at the start of each fit's training, after
+    Lightning has registered its handler; Lightning restores the handlers that
+    were there before the fit when it ends.
+    """
+
+    def on_train_start(self, trainer, pl_module):
+        connector = trainer._signal_connector  # Lightning reads its received_sigterm at every step
+
+        def mark(signum, frame):
+            launcher = trainer.strategy.launcher
+            if not connector.received_sigterm and trainer.is_global_zero and launcher is not None:
+                launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, mark)

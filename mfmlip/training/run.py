@@ -41,7 +41,8 @@ from mfmlip.training.data import (
 from mfmlip.training.module import MFLightningModule
 from mfmlip.training.progress import EpochSummary, progress_callback
 from mfmlip.training.parallel import (
-    adopt_node_processes, check_parallel, lead_process, node_processes, set_process_threads, strategy, world_size,
+    SigtermAtStepEnd, adopt_node_processes, check_parallel, lead_process, node_processes, set_process_threads, strategy,
+    world_size,
 )
 from mfmlip.training.replay import replay_splits
 from mfmlip.training.sampler import FidelityShareSampler, RankShard, TwoStageOrder
@@ -158,6 +159,8 @@ def _trainer(cfg: Config, out: Path, n_batches: int) -> L.Trainer:
         EarlyStopping(monitor=t.monitor, patience=t.patience),
         progress_callback(n_batches),
     ]
+    if world_size(t) > 1:
+        callbacks.append(SigtermAtStepEnd())
     if t.ema_decay:
         callbacks.append(ExponentialAverage(t.ema_decay))
     # step-wise validation; a max_steps budget shorter than an epoch validates once, at its end
@@ -233,7 +236,7 @@ def train(
     with node_processes(cfg.training, lead) as children:  # they read the data while this process does
         data, base, module, loaders, trainer = _setup_fit(cfg, out, root, reader, lead)
         adopt_node_processes(trainer, children)
-    ckpt_path = _checkpoint_to_resume(out, resume, lead)
+        ckpt_path = _checkpoint_to_resume(out, resume, lead)
     try:
         trainer.fit(module, datamodule=loaders, ckpt_path=ckpt_path)
     except SIGTERMException:
