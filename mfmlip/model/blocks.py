@@ -6,6 +6,8 @@ import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 
+from mfmlip.model.tensor_product import EdgeTensorProduct
+
 
 def hidden_irreps(channels: int, lmax: int) -> o3.Irreps:
     """``channels`` copies of each ``l <= lmax`` with parity ``(-1)^l``: 0e + 1o + 2e + ..."""
@@ -32,7 +34,8 @@ class Interaction(torch.nn.Module):
     features ``pre`` and ``post`` (``extra_pre``/``extra_post`` columns, or
     None), appended to the scalar inputs of ``LinearPre`` and ``LinearPost``. Paths of the tensor
     product that give the same output irrep sum into one slot, each with its
-    own radial weights. Dividing by ``sqrt`` rather than the neighbour count
+    own radial weights; the product is :class:`~mfmlip.model.tensor_product.EdgeTensorProduct`
+    (e3nn's numbers, in three matrix products). Dividing by ``sqrt`` rather than the neighbour count
     keeps messages of random sign at unit scale, as NequIP does; it halved
     the force error of a short NaCl-water run (docs/benchmarks/report.md).
 
@@ -61,33 +64,26 @@ class Interaction(torch.nn.Module):
         self.linear_pre = o3.Linear(irreps_in + o3.Irreps(f"{extra_pre}x0e"), irreps_in)
         # paths with the same output irrep share one slot: a 4x narrower message (benchmarks/)
         outs = [ir for _, ir in irreps_target]
-        instructions = []
-        for i_in, (_, ir_in) in enumerate(irreps_in):
-            for i_sh, (_, ir_sh) in enumerate(irreps_sh):
-                for ir_out in ir_in * ir_sh:
-                    if ir_out in outs:
-                        instructions.append((i_in, i_sh, outs.index(ir_out), "uvu", True))
-        used = sorted({ins[2] for ins in instructions})
-        instructions = [(a, b, used.index(c), m, w) for a, b, c, m, w in instructions]
-        mid = [(irreps_in[0].mul, outs[i]) for i in used]
-        self.tp = o3.TensorProduct(
-            irreps_in, irreps_sh, o3.Irreps(mid), instructions,
-            shared_weights=False, internal_weights=False,
-        )
+        paths = [(i_in, i_sh, outs.index(ir_out))
+                 for i_in, (_, ir_in) in enumerate(irreps_in) for i_sh, (_, ir_sh) in enumerate(irreps_sh)
+                 for ir_out in ir_in * ir_sh if ir_out in outs]
+        used = sorted({o for _, _, o in paths})
+        mid = o3.Irreps([(irreps_in[0].mul, outs[o]) for o in used])
+        self.tp = EdgeTensorProduct(irreps_in, irreps_sh, mid, [(i, s, used.index(o)) for i, s, o in paths])
         self.radial_mlp = e3nn_nn.FullyConnectedNet(
             [num_radial, radial_hidden, radial_hidden, self.tp.weight_numel], torch.nn.functional.silu
         )
         self.gate = _gate(irreps_target)
-        self.linear_post = o3.Linear(o3.Irreps(mid) + o3.Irreps(f"{extra_post}x0e"), self.gate.irreps_in)
+        self.linear_post = o3.Linear(mid + o3.Irreps(f"{extra_post}x0e"), self.gate.irreps_in)
         self.self_connection = o3.Linear(irreps_in, self.gate.irreps_out)
         self.irreps_out = self.gate.irreps_out
 
     def forward(self, h, sh, radial, edge_index, pre=None, post=None):
         centre, neighbour = edge_index
-        x = self.linear_pre(append(h, pre))
+        x = self.tp.to_channels(self.linear_pre(append(h, pre)))
         messages = self.tp(x[neighbour], sh, self.radial_mlp(radial))
-        agg = torch.zeros(h.shape[0], messages.shape[1], dtype=h.dtype, device=h.device)
-        agg = agg.index_add(0, centre, messages) * self.message_norm
+        agg = torch.zeros((h.shape[0], *messages.shape[1:]), dtype=h.dtype, device=h.device)
+        agg = self.tp.to_irreps(agg.index_add(0, centre, messages)) * self.message_norm
         out = self.gate(self.linear_post(append(agg, post)))
         return self.self_connection(h) + out
 
