@@ -7,18 +7,18 @@ and its weights have e3nn's layout, so model files written when the block
 used e3nn's class load unchanged. e3nn builds the product path by path, each a slice, a Clebsch-Gordan
 contraction and a product; here every path is in one contraction:
 
-1. ``B = Y @ C``: each edge's spherical harmonics ``Y`` (n_edges, sh_dim)
+1. the neighbour's features with channels first (n_edges, mul, d_in),
+   one copy per path of the input irrep it reads, times that path's
+   per-edge weight of each channel: (n_edges, mul, Q), with ``Q`` the
+   (path, input component) pairs;
+2. ``B = Y @ C``: each edge's spherical harmonics ``Y`` (n_edges, sh_dim)
    contracted with all paths' Wigner 3j symbols at once, a matrix per edge
-   (n_edges, d_in, K) from the input components to every path's output
-   components (``K`` of them in all);
-2. ``X @ B``: the neighbour's features with channels first (n_edges, mul,
-   d_in), one batched product (n_edges, mul, K);
-3. times each path's per-edge weight of each channel, then ``@ S``: the
-   paths of one output irrep summed (n_edges, mul, d_out).
+   (n_edges, Q, d_out) that also sums the paths of one output irrep;
+3. one batched product of the two: (n_edges, mul, d_out).
 
-Compiled, a training step of the main job's product (lmax 1, 38 000 edges,
-forces and a double backward) takes a quarter of e3nn's time, and its
-compile a half (docs/benchmarks/README.md, lever 9).
+Compiled, one block's product with forces and a double backward takes a
+quarter to two thirds of e3nn's time (docs/benchmarks/README.md, levers 9
+and 10).
 """
 
 from __future__ import annotations
@@ -63,39 +63,36 @@ class EdgeTensorProduct(torch.nn.Module):
         self.irreps_in, self.irreps_out = irreps_in, irreps_out
         self.weight_numel = len(paths) * self.mul
         self.n_paths = len(paths)
-        d_in, d_out = _offsets(irreps_in), _offsets(irreps_out)
-        d_sh = _offsets(irreps_sh)
-        k_sizes = [irreps_out[o].ir.dim for _, _, o in paths]
-        n_k = sum(k_sizes)
-        cg = torch.zeros(irreps_sh.dim, d_in[-1], n_k, dtype=torch.float64)
-        sum_paths = torch.zeros(n_k, d_out[-1], dtype=torch.float64)
-        expand = torch.zeros(len(paths), n_k, dtype=torch.float64)
-        k = 0
+        d_in, d_out, d_sh = _offsets(irreps_in), _offsets(irreps_out), _offsets(irreps_sh)
+        n_q = sum(irreps_in[i].ir.dim for i, _, _ in paths)  # (path, input component) pairs
+        cg = torch.zeros(irreps_sh.dim, n_q, d_out[-1], dtype=torch.float64)
+        pick_x = torch.zeros(d_in[-1], n_q, dtype=torch.float64)
+        pick_w = torch.zeros(len(paths), n_q, dtype=torch.float64)
+        q = 0
         for p, (i, s, o) in enumerate(paths):
             l1, l2, lo = irreps_in[i].ir.l, irreps_sh[s].ir.l, irreps_out[o].ir.l
             if irreps_out[o].ir not in irreps_in[i].ir * irreps_sh[s].ir:
                 raise ValueError(f"path {p}: {irreps_out[o].ir} is not in {irreps_in[i].ir} x {irreps_sh[s].ir}")
             w3j = o3.wigner_3j(l1, l2, lo, dtype=torch.float64) * _path_weight(paths, p, irreps_out)
-            n = 2 * lo + 1
-            cg[d_sh[s]:d_sh[s + 1], d_in[i]:d_in[i + 1], k:k + n] = w3j.permute(1, 0, 2)
-            sum_paths[k:k + n, d_out[o]:d_out[o] + n] = torch.eye(n, dtype=torch.float64)
-            expand[p, k:k + n] = 1.0
-            k += n
+            n = 2 * l1 + 1
+            cg[d_sh[s]:d_sh[s + 1], q:q + n, d_out[o]:d_out[o + 1]] = w3j.permute(1, 0, 2)
+            pick_x[d_in[i]:d_in[i + 1], q:q + n] = torch.eye(n, dtype=torch.float64)
+            pick_w[p, q:q + n] = 1.0
+            q += n
         dtype = torch.get_default_dtype()
         # constants of the product, not state: model files keep e3nn's keys (see _drop_e3nn_buffers)
         self.register_buffer("cg", cg.reshape(irreps_sh.dim, -1).to(dtype), persistent=False)
-        self.register_buffer("sum_paths", sum_paths.to(dtype), persistent=False)
-        self.register_buffer("expand", expand.to(dtype), persistent=False)
-        self.d_in, self.n_k = d_in[-1], n_k
+        self.register_buffer("pick_x", pick_x.to(dtype), persistent=False)
+        self.register_buffer("pick_w", pick_w.to(dtype), persistent=False)
+        self.n_q, self.d_out = n_q, d_out[-1]
         self._register_load_state_dict_pre_hook(_drop_e3nn_buffers)
 
     def forward(self, x: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``x`` (n_edges, mul, d_in), ``sh`` (n_edges, sh_dim), ``weights`` (n_edges, weight_numel)
         -> (n_edges, mul, d_out)."""
         n = x.shape[0]
-        per_edge = (sh @ self.cg).view(n, self.d_in, self.n_k)
-        w = weights.view(n, self.n_paths, self.mul).transpose(1, 2) @ self.expand
-        return (torch.bmm(x, per_edge) * w) @ self.sum_paths
+        weighted = (x @ self.pick_x) * (weights.view(n, self.n_paths, self.mul).transpose(1, 2) @ self.pick_w)
+        return torch.bmm(weighted, (sh @ self.cg).view(n, self.n_q, self.d_out))
 
     def to_channels(self, h: torch.Tensor) -> torch.Tensor:
         """e3nn's layout (n, irreps_in.dim) -> channels first (n, mul, d_in)."""
