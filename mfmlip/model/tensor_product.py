@@ -96,7 +96,9 @@ class EdgeTensorProduct(torch.nn.Module):
 
     def to_channels(self, h: torch.Tensor) -> torch.Tensor:
         """e3nn's layout (n, irreps_in.dim) -> channels first (n, mul, d_in)."""
-        return _channels_first(h, self.irreps_in, self.mul)
+        blocks = h.split([self.mul * ir.dim for _, ir in self.irreps_in], dim=1)
+        return torch.cat([b.reshape(h.shape[0], self.mul, ir.dim) for b, (_, ir) in zip(blocks, self.irreps_in)],
+                         dim=2)
 
     def to_irreps(self, h: torch.Tensor) -> torch.Tensor:
         """Channels first (n, mul, d_out) -> e3nn's layout (n, irreps_out.dim)."""
@@ -116,11 +118,6 @@ def _path_weight(paths: list[tuple[int, int, int]], p: int, irreps_out: o3.Irrep
     """e3nn's normalisation: component (``sqrt(2 l_out + 1)``) over element (the paths into that output)."""
     into = sum(1 for _, _, o in paths if o == paths[p][2])
     return math.sqrt(irreps_out[paths[p][2]].ir.dim / into)
-
-
-def _channels_first(h: torch.Tensor, irreps: o3.Irreps, mul: int) -> torch.Tensor:
-    blocks = h.split([mul * ir.dim for _, ir in irreps], dim=1)
-    return torch.cat([b.reshape(h.shape[0], mul, ir.dim) for b, (_, ir) in zip(blocks, irreps)], dim=2)
 
 
 def _drop_e3nn_buffers(state_dict, prefix, *args):
